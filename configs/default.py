@@ -1,0 +1,60 @@
+"""Every config field, with its default. Other configs import this and override a few fields."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Data. `dataset` is a TFDS name with its builder config, e.g. 'covid_ct' or 'covid_synthetic/cxr'.
+  config.dataset = "covid_synthetic/cxr"
+  config.data_dir = ""  # TFDS data_dir; '' means TFDS's default (~/tensorflow_datasets).
+  config.manual_dir = ""  # Where the manually downloaded real data lives (real builders only).
+  config.train_split = "train"
+  config.eval_split = "val"
+  config.image_size = 128
+  config.exclude_cross_split_duplicates = True  # Real builders: drop flagged duplicates from test.
+
+  # On-device augmentation (train only): random translation as a fraction of the image size,
+  # horizontal flips, brightness/contrast jitter.
+  config.augment = True
+  config.aug_translate = 0.1
+  config.aug_hflip = True
+  config.aug_brightness = 0.1
+  config.aug_contrast = 0.1
+
+  # Model.
+  config.model = "seed_cnn"  # One of covid_flax.models.MODELS.
+  config.dropout_rate = 0.25
+  config.half_precision = False  # bfloat16 compute, float32 params.
+
+  # Optimisation. `batch_size` is global (all devices of all processes).
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_epochs = 20
+  config.optimizer = "adamw"  # 'adamw' or 'sgd' (with momentum).
+  config.learning_rate = 1e-3
+  config.warmup_epochs = 1.0
+  config.lr_schedule = "cosine"  # 'cosine' or 'constant' (both after warmup).
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.grad_clip_norm = 1.0  # 0 disables clipping.
+  config.label_smoothing = 0.0
+  config.seed = 0
+
+  # Logging and checkpoints.
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 0  # 0: at the end of every epoch only.
+  config.keep_checkpoints = 3  # The last k, plus the best by validation AUC.
+  config.progress_bar = True
+
+  # Evaluation: the operating point is the highest threshold with val sensitivity >= this.
+  config.target_sensitivity = 0.95
+
+  # Multi-host (jax.distributed). Empty/zero values mean auto-detect or single process.
+  config.distributed = False
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
+
+  return config

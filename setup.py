@@ -1,0 +1,36 @@
+"""covid_flax: COVID-19 detection in chest X-ray and CT images with JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="covid_flax",
+    version="0.1.0",
+    description="Data-parallel JAX/Flax training and evaluation for COVID-19 CXR and CT classifiers.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["covid_flax", "covid_flax.*"]),
+    install_requires=[
+        "jax>=0.8,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9.9,<4.11",
+        "importlib_resources>=6.0",
+        "grain>=0.2.12,<0.3",
+        "array-record>=0.8.1",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "openpyxl>=3.1",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "ruff>=0.6"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        "bench": ["tensorflow-cpu>=2.16"],
+    },
+)
