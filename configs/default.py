@@ -13,7 +13,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = "train"
   config.eval_split = "val"
   config.image_size = 128
-  config.exclude_cross_split_duplicates = True  # Real builders: drop flagged duplicates from test.
 
   # On-device augmentation (train only): random translation as a fraction of the image size,
   # horizontal flips, brightness/contrast jitter.
@@ -47,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0: at the end of every epoch only.
   config.keep_checkpoints = 3  # The last k, plus the best by validation AUC.
   config.progress_bar = True
+  config.nan_policy = "stop"  # On a NaN/Inf loss: 'stop' the run, or 'skip' the step.
+  config.overwrite = False  # Allow a workdir whose run has another model/image size/dataset.
 
   # Evaluation: the operating point is the highest threshold with val sensitivity >= this.
   config.target_sensitivity = 0.95

@@ -8,8 +8,11 @@ def get_config():
   config.dataset = "covid_synthetic/cxr"
   config.image_size = 64
   config.model = "seed_cnn"
-  config.batch_size = 32
-  config.num_epochs = 4
-  config.learning_rate = 2e-3
+  config.dropout_rate = 0.0
+  config.aug_translate = 0.05
+  config.aug_brightness = 0.05
+  config.aug_contrast = 0.05
+  config.num_epochs = 5
+  config.learning_rate = 1e-3
   config.warmup_epochs = 0.5
   return config

@@ -1,6 +1,17 @@
 """What every covid_flax TFDS builder shares: labels, features, errors."""
 
+import collections
+import dataclasses
+import os
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
 
 # Index 1 is the positive class everywhere (metrics, thresholds, Grad-CAM).
 LABEL_NAMES = ("non_covid", "covid")
@@ -14,12 +25,195 @@ class DatasetError(ValueError):
 def base_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   """The features every builder has (plus `extra`): the input pipeline reads only these."""
   return tfds.features.FeaturesDict(
-      {
-          "image": tfds.features.Image(shape=(None, None, 1), dtype="uint8", encoding_format="png"),
-          "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
-          "patient_id": tfds.features.Text(),
-          "filename": tfds.features.Text(),
-          "source": tfds.features.Text(),
-          **extra,
-      }
+    {
+      "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+      "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+      "patient_id": tfds.features.Text(),
+      "filename": tfds.features.Text(),
+      "source": tfds.features.Text(),
+      **extra,
+    }
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery of the real-data builders (covid_ct, covid_cxr).
+# ---------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+
+# Set (to anything non-empty) to never download, e.g. in tests and air-gapped clusters.
+NO_DOWNLOAD_ENV = "COVID_FLAX_NO_DOWNLOAD"
+
+
+@dataclasses.dataclass(eq=False)
+class LeakageConfig(tfds.core.BuilderConfig):
+  """A real-data builder config; the option decides what happens to cross-split duplicates."""
+
+  exclude_cross_split_duplicates: bool = True
+
+
+def leakage_configs() -> list[LeakageConfig]:
+  """The two configs of every real builder; the first is the default."""
+  return [
+    LeakageConfig(
+      name="exclude_duplicates",
+      description="Default. Test images that duplicate (exactly or nearly) an image in train or "
+      "val are left out of test; the leakage report lists and counts them.",
+      exclude_cross_split_duplicates=True,
+    ),
+    LeakageConfig(
+      name="keep_duplicates",
+      description="Every image is kept (e.g. the official COVID-CT split exactly); the leakage "
+      "report still lists the cross-split duplicates.",
+      exclude_cross_split_duplicates=False,
+    ),
+  ]
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One image a builder found, before the audit: `key` is also its `filename` feature."""
+
+  key: str
+  label: int
+  patient_id: str
+  source: str
+  load: Callable[[], Image.Image]
+  split: str | None = None
+  extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def manual_dir_or_none(dl_manager: tfds.download.DownloadManager) -> Path | None:
+  """The manual_dir if it exists and is not empty, else None (TFDS raises in that case)."""
+  try:
+    return Path(dl_manager.manual_dir)
+  except (AssertionError, ValueError):
+    return None
+
+
+def manual_dir_described(dl_manager: tfds.download.DownloadManager) -> str:
+  where = getattr(dl_manager, "_manual_dir", None)
+  return f"'{where}'" if where else "(none given)"
+
+
+def downloads_allowed(probe_url: str = "https://github.com", timeout_s: float = 5.0) -> bool:
+  """False when $COVID_FLAX_NO_DOWNLOAD is set or `probe_url` does not answer within timeout_s."""
+  if os.environ.get(NO_DOWNLOAD_ENV):
+    return False
+  try:
+    request = urllib.request.Request(probe_url, method="HEAD")
+    with urllib.request.urlopen(request, timeout=timeout_s):
+      return True
+  except Exception:  # noqa: BLE001  (any failure means: do not try to download)
+    return False
+
+
+OFFLINE = f"it cannot be downloaded now (offline, or ${NO_DOWNLOAD_ENV} is set)"
+
+
+def no_data_error(
+  dataset: str, what: str, dl_manager: tfds.download.DownloadManager, reason: str = OFFLINE
+) -> DatasetError:
+  """The error raised when there is no usable data: what to download, where, and which flag."""
+  return DatasetError(
+    f"{dataset}: no usable data in manual_dir {manual_dir_described(dl_manager)}, and {reason}."
+    f"\n{what.strip()}\nThen point at DIR with --config.manual_dir=DIR (training), "
+    "--manual_dir=DIR (tfds build) or tfds.download.DownloadConfig(manual_dir=DIR)."
+  )
+
+
+class RealImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Finds candidates, audits them for leakage, then writes train/val/test.
+
+  Subclasses implement `_find_candidates` and may override `_assign_splits`. Every image is
+  decoded twice (audit, then writing) so that memory does not grow with the dataset.
+  """
+
+  BUILDER_CONFIGS = leakage_configs()
+
+  def __init__(self, *, file_format: str | None = None, **kwargs: Any):
+    # array_record by default: random access for grain, and no TensorFlow needed (TFDS's default,
+    # tfrecord, needs it).
+    super().__init__(file_format=file_format or "array_record", **kwargs)
+
+  def _find_candidates(
+    self, dl_manager: tfds.download.DownloadManager
+  ) -> tuple[list[Candidate], dict[str, Any]]:
+    """(candidates in a deterministic order, builder-specific counts for the report)."""
+    raise NotImplementedError
+
+  def _assign_splits(self, candidates: list[Candidate], fingerprints: Sequence[Any]) -> dict:
+    """Sets `split` on every candidate; returns extra counts for the report."""
+    return {}
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    from covid_flax.datasets import audit  # Imported here: audit imports this module.
+
+    candidates, build = self._find_candidates(dl_manager)
+    for label, name in enumerate(LABEL_NAMES):
+      if not any(c.label == label for c in candidates):
+        raise DatasetError(f"{self.name}: no '{name}' images found; an empty class is an error")
+    repeated = sorted(k for k, n in collections.Counter(c.key for c in candidates).items() if n > 1)
+    if repeated:
+      raise DatasetError(f"{self.name}: images found twice: {repeated[:5]}")
+    fingerprints = [audit.fingerprint(c.load()) for c in candidates]
+    build.update(self._assign_splits(candidates, fingerprints))
+    records = [
+      audit.ImageRecord(c.key, c.split, LABEL_NAMES[c.label], c.patient_id, fp)
+      for c, fp in zip(candidates, fingerprints)
+    ]
+    patients_splits: dict[str, set[str]] = {}
+    for c in candidates:
+      patients_splits.setdefault(f"{LABEL_NAMES[c.label]}:{c.patient_id}", set()).add(c.split)
+    shared = sorted(p for p, s in patients_splits.items() if len(s) > 1)
+    build["patients_in_several_splits"] = shared
+    if shared:
+      logging.warning(
+        "%s: %d patients are in more than one split: %s", self.name, len(shared), shared[:10]
+      )
+    pairs = audit.find_duplicate_pairs(records)
+    excluded = (
+      audit.test_exclusions(pairs) if self.builder_config.exclude_cross_split_duplicates else {}
+    )
+    report = audit.build_report(
+      dataset=f"{self.name}/{self.builder_config.name}",
+      version=str(self.version),
+      config={"exclude_cross_split_duplicates": self.builder_config.exclude_cross_split_duplicates},
+      records=records,
+      pairs=pairs,
+      excluded=excluded,
+      build=build,
+    )
+    for split in SPLITS:
+      if split not in report["splits"]:
+        raise DatasetError(
+          f"{self.name}: split '{split}' would be empty ({len(candidates)} images found)"
+        )
+    # At generation time data_path is TFDS's incomplete.* directory, renamed only on success.
+    audit.write_report(report, self.data_path)
+    for line in audit.summary_lines(report):
+      logging.info("%s", line)
+    logging.info("%s: examples per split %s", self.name, report["splits"])
+    return {
+      split: self._generate_examples(
+        [c for c in candidates if c.split == split and c.key not in excluded]
+      )
+      for split in SPLITS
+    }
+
+  def _generate_examples(self, candidates: list[Candidate]) -> Iterator[tuple[str, dict[str, Any]]]:
+    from covid_flax.datasets import image_io  # Imported here: image_io imports this module.
+
+    for c in candidates:
+      yield (
+        c.key,
+        {
+          "image": image_io.encode_png(c.load()),
+          "label": c.label,
+          "patient_id": c.patient_id,
+          "filename": c.key,
+          "source": c.source,
+          **c.extra,
+        },
+      )

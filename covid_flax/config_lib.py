@@ -1,0 +1,128 @@
+"""Config validation: every field is checked at start, and errors name the field and what is allowed."""
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+NAN_POLICIES = ("stop", "skip")
+# Fields that make a checkpoint unusable by a run with other values (shapes or data change).
+INCOMPATIBLE_FIELDS = ("model", "image_size", "dataset", "half_precision")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _in(*allowed) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in allowed), f"one of {list(allowed)}"
+
+
+def _range(lo=None, hi=None, lo_open=False) -> tuple[Callable[[Any], bool], str]:
+  def ok(v):
+    if lo is not None and (v <= lo if lo_open else v < lo):
+      return False
+    return hi is None or v <= hi
+
+  low = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+  high = "" if hi is None else f"<= {hi}"
+  return ok, " and ".join(s for s in (low, high) if s)
+
+
+_ANY = ((lambda v: True), "")
+_POSITIVE = _range(0, lo_open=True)
+_NON_NEGATIVE = _range(0)
+_FRACTION = _range(0, 1)
+
+# field -> (type, (check, description of allowed values)). Models are checked against the registry.
+_SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str]]] = {
+  "dataset": (str, ((lambda v: bool(v)), "a TFDS dataset name")),
+  "data_dir": (str, _ANY),
+  "manual_dir": (str, _ANY),
+  "train_split": (str, _ANY),
+  "eval_split": (str, _ANY),
+  "image_size": (int, _range(32, 1024)),
+  "augment": (bool, _ANY),
+  "aug_translate": ((int, float), _range(0, 0.5)),
+  "aug_hflip": (bool, _ANY),
+  "aug_brightness": ((int, float), _FRACTION),
+  "aug_contrast": ((int, float), _FRACTION),
+  "model": (str, _ANY),
+  "dropout_rate": ((int, float), _range(0, 1)),
+  "half_precision": (bool, _ANY),
+  "batch_size": (int, _POSITIVE),
+  "eval_batch_size": (int, _POSITIVE),
+  "num_epochs": (int, _POSITIVE),
+  "optimizer": (str, _in(*OPTIMIZERS)),
+  "learning_rate": ((int, float), _POSITIVE),
+  "warmup_epochs": ((int, float), _NON_NEGATIVE),
+  "lr_schedule": (str, _in(*LR_SCHEDULES)),
+  "momentum": ((int, float), _range(0, 1)),
+  "weight_decay": ((int, float), _NON_NEGATIVE),
+  "grad_clip_norm": ((int, float), _NON_NEGATIVE),
+  "label_smoothing": ((int, float), _range(0, 1)),
+  "seed": (int, _NON_NEGATIVE),
+  "log_every_steps": (int, _POSITIVE),
+  "checkpoint_every_steps": (int, _NON_NEGATIVE),
+  "keep_checkpoints": (int, _POSITIVE),
+  "progress_bar": (bool, _ANY),
+  "nan_policy": (str, _in(*NAN_POLICIES)),
+  "overwrite": (bool, _ANY),
+  "target_sensitivity": ((int, float), _range(0, 1, lo_open=True)),
+  "distributed": (bool, _ANY),
+  "coordinator_address": (str, _ANY),
+  "num_processes": (int, _NON_NEGATIVE),
+  "process_id": (int, _range(-1)),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field the code can't honour."""
+  from covid_flax import models  # Local import: models import flax, keep this module light.
+
+  unknown = sorted(set(config.keys()) - set(_SCHEMA))
+  if unknown:
+    raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(_SCHEMA)}")
+  for field, (types, (check, allowed)) in _SCHEMA.items():
+    if field not in config:
+      raise ConfigError(f"config.{field} is missing (configs must start from configs/default.py)")
+    value = config[field]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+      raise ConfigError(f"config.{field}={value!r} must be a number, not a bool")
+    if not isinstance(value, types):
+      names = [t.__name__ for t in (types if isinstance(types, tuple) else (types,))]
+      raise ConfigError(
+        f"config.{field}={value!r} has type {type(value).__name__}; expected {names}"
+      )
+    if not check(value):
+      raise ConfigError(f"config.{field}={value!r} is not allowed; it must be {allowed}")
+  if config.model not in models.MODELS:
+    raise ConfigError(
+      f"config.model={config.model!r} is unknown; choose one of {sorted(models.MODELS)}"
+    )
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % devices:
+      raise ConfigError(
+        f"config.{field}={config[field]} is not divisible by the {devices} devices; "
+        f"use a multiple of {devices}"
+      )
+  if config.coordinator_address and not (
+    config.num_processes > 0 and 0 <= config.process_id < config.num_processes
+  ):
+    raise ConfigError(
+      f"config.coordinator_address={config.coordinator_address!r} needs config.num_processes > 0 "
+      f"and 0 <= config.process_id < num_processes (got {config.num_processes}, "
+      f"{config.process_id})"
+    )
+
+
+def incompatible_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (saved value, new value)} for fields that make a saved run unusable by `config`."""
+  return {
+    f: (saved.get(f), config[f])
+    for f in INCOMPATIBLE_FIELDS
+    if f in saved and saved.get(f) != config[f]
+  }

@@ -1,0 +1,127 @@
+"""Input pipeline: TFDS array_record data source -> decoded, resized uint8 cache -> grain batches.
+
+Images are decoded and resized once per run (the datasets are small) and kept as uint8; shuffling,
+batching and per-process sharding happen in grain; augmentation and normalisation happen on the
+device inside the train step (`train.augment`), so the host only moves uint8 bytes.
+"""
+
+import dataclasses
+from concurrent import futures
+from typing import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+import covid_flax.datasets  # noqa: F401  (registers the builders)
+from covid_flax.datasets import common
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+  """A whole split in memory: images (N, S, S, 1) uint8 and their metadata."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  patient_ids: np.ndarray
+  filenames: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the dataset's builder, preparing it into the TFDS data_dir on first use."""
+  try:
+    builder = tfds.builder(
+      config.dataset, data_dir=config.data_dir or None, file_format="array_record"
+    )
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={config.dataset!r} is not a known dataset: {e}") from e
+  if not builder.is_prepared():
+    logging.info("Preparing %s into %s", config.dataset, builder.data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+    builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased. The whole image is kept (stretched):
+  padding or cropping would add borders or cut lungs in a way that differs by source."""
+  pil = Image.fromarray(np.asarray(image).reshape(image.shape[0], image.shape[1]), mode="L")
+  if pil.size != (size, size):
+    pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  return np.asarray(pil, dtype=np.uint8)[..., None]
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:
+  """Decodes and resizes every image of `split` once, in parallel threads (PIL drops the GIL)."""
+  builder = get_builder(config)
+  if split not in builder.info.splits:
+    raise ValueError(
+      f"split {split!r} is not in {config.dataset}; it has {sorted(builder.info.splits)}"
+    )
+  source = tfds.data_source(
+    config.dataset, split=split, data_dir=config.data_dir or None, download=False
+  )
+  n = len(source)
+  if n == 0:
+    raise common.DatasetError(f"split {split!r} of {config.dataset} is empty")
+
+  def load(i: int):
+    ex = source[i]
+    return resize(ex["image"], config.image_size), ex
+
+  images = np.empty((n, config.image_size, config.image_size, 1), np.uint8)
+  labels = np.empty((n,), np.int32)
+  patients, filenames = [], []
+  with futures.ThreadPoolExecutor(num_threads) as pool:
+    for i, (image, ex) in enumerate(pool.map(load, range(n))):
+      images[i], labels[i] = image, ex["label"]
+      patients.append(_text(ex["patient_id"]))
+      filenames.append(_text(ex["filename"]))
+  return SplitData(images, labels, np.asarray(patients), np.asarray(filenames))
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _process_slice(global_batch_size: int) -> slice:
+  local = global_batch_size // jax.process_count()
+  return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def train_dataset(data: SplitData, global_batch_size: int, seed: int) -> grain.MapDataset:
+  """Endless batches of this process's rows of each global batch: a new permutation every epoch
+  (grain reshuffles each repetition), the same for every process, so processes agree on batches."""
+  rows = _process_slice(global_batch_size)
+
+  def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
+    idx = indices[rows]
+    return {"image": data.images[idx], "label": data.labels[idx]}
+
+  ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat(None)
+  return ds.batch(global_batch_size, drop_remainder=True).map(gather)
+
+
+def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
+  """An iterator with `get_state()`/`set_state()`, prefetching in a background thread."""
+  read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+  return iter(dataset.to_iter_dataset(read_options))
+
+
+def eval_batches(data: SplitData, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of each global batch, in order, the last one padded; `mask` marks real
+  rows. Every process yields the same number of batches."""
+  rows = _process_slice(global_batch_size)
+  n = len(data)
+  for start in range(0, n, global_batch_size):
+    idx = np.arange(start, start + global_batch_size)[rows]
+    mask = idx < n
+    idx = np.where(mask, idx, 0)
+    yield {"image": data.images[idx], "label": data.labels[idx], "mask": mask}

@@ -1,0 +1,37 @@
+"""Trains a model: `python -m covid_flax.main --config=configs/cxr.py --workdir=runs/cxr`.
+
+Any config field can be overridden on the command line, e.g. `--config.batch_size=64`.
+Running the same command again resumes from the latest checkpoint in the workdir.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from covid_flax import checkpointing, config_lib, parallel, train
+from covid_flax.datasets import common
+
+# Errors that are the user's input at fault: one clear line, no traceback.
+USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError,
+               train.NonFiniteLossError)  # fmt: skip
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed(FLAGS.config)
+  logging.info("Config:\n%s", FLAGS.config)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,43 @@
+"""Scalars to TensorBoard (tensorboardX) and to `workdir/metrics.jsonl`, from process 0 only."""
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, split: str, scalars: dict[str, Any], **fields: Any) -> None:
+    """One JSONL record {step, split, **fields, **scalars}; scalars also go to TensorBoard."""
+    if not self._active:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items() if v is not None}
+    for name, value in scalars.items():
+      self._tb.add_scalar(f"{split}/{name}", value, step)
+    record = {"step": step, "split": split, **fields, **scalars}
+    self._jsonl.write(json.dumps(record) + "\n")
+
+  def flush(self) -> None:
+    if self._active:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

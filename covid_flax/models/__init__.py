@@ -1,0 +1,24 @@
+"""Model registry: `config.model` names one of MODELS."""
+
+from typing import Any, Callable
+
+from flax import nnx
+
+from covid_flax.models.resnet import ResNet18, ResNet50
+from covid_flax.models.seed_cnn import SeedCNN
+from covid_flax.models.tiny import TinyCNN
+
+# Every model maps (N, H, W, 1) images to (N, num_classes) logits and has `features` (the last
+# convolutional feature map, for Grad-CAM) and `head` (features -> logits).
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+  "seed_cnn": SeedCNN,
+  "resnet18": ResNet18,
+  "resnet50": ResNet50,
+  "tiny_cnn": TinyCNN,
+}
+
+
+def create_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+  if name not in MODELS:
+    raise ValueError(f"config.model={name!r} is not a known model; choose one of {sorted(MODELS)}")
+  return MODELS[name](rngs=rngs, **kwargs)

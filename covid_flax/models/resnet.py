@@ -1,0 +1,99 @@
+"""ResNet-18 and ResNet-50 (He et al. 2016) for 1-channel images, BatchNorm synchronised over the
+`data` mesh axis so that a data-parallel step equals the single-device step on the global batch."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class _ConvBN(nnx.Module):
+  def __init__(self, cin, cout, kernel, strides, *, dtype, rngs, zero_scale=False):
+    pad = kernel // 2
+    self.conv = nnx.Conv(
+        cin, cout, (kernel, kernel), strides=strides, padding=[(pad, pad)] * 2, use_bias=False,
+        dtype=dtype, rngs=rngs,
+    )  # fmt: skip
+    scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
+    self.bn = nnx.BatchNorm(
+      cout, momentum=0.9, axis_name="data", scale_init=scale_init, dtype=dtype, rngs=rngs
+    )
+
+  def __call__(self, x, train):
+    return self.bn(self.conv(x), use_running_average=not train)
+
+
+class _Block(nnx.Module):
+  """Basic (two 3x3) or bottleneck (1x1-3x3-1x1, 4x expansion) residual block."""
+
+  def __init__(self, cin, width, strides, bottleneck, *, dtype, rngs):
+    cbr = partial(_ConvBN, dtype=dtype, rngs=rngs)
+    cout = width * 4 if bottleneck else width
+    if bottleneck:
+      self.layers = nnx.List(
+        [
+          cbr(cin, width, 1, 1),
+          cbr(width, width, 3, strides),
+          cbr(width, cout, 1, 1, zero_scale=True),
+        ]
+      )
+    else:
+      self.layers = nnx.List([cbr(cin, width, 3, strides), cbr(width, cout, 3, 1, zero_scale=True)])
+    self.shortcut = cbr(cin, cout, 1, strides) if (strides != 1 or cin != cout) else None
+    self.cout = cout
+
+  def __call__(self, x, train):
+    y = x
+    for i, layer in enumerate(self.layers):
+      y = layer(y, train)
+      if i < len(self.layers) - 1:
+        y = nnx.relu(y)
+    residual = self.shortcut(x, train) if self.shortcut is not None else x
+    return nnx.relu(y + residual)
+
+
+class ResNet(nnx.Module):
+  def __init__(
+    self,
+    stage_sizes,
+    bottleneck,
+    *,
+    image_size: int,
+    num_classes: int = 2,
+    dropout_rate: float = 0.0,
+    width: int = 64,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    del image_size  # Global average pooling: any size works.
+    self.stem = _ConvBN(1, width, 7, 2, dtype=dtype, rngs=rngs)
+    blocks, cin = [], width
+    for stage, num_blocks in enumerate(stage_sizes):
+      for b in range(num_blocks):
+        strides = 2 if (stage > 0 and b == 0) else 1
+        block = _Block(cin, width * 2**stage, strides, bottleneck, dtype=dtype, rngs=rngs)
+        blocks.append(block)
+        cin = block.cout
+    self.blocks = nnx.List(blocks)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.out = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+  def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """The last stage's activations: the Grad-CAM layer."""
+    x = nnx.relu(self.stem(x, train))
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for block in self.blocks:
+      x = block(x, train)
+    return x
+
+  def head(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    x = self.dropout(x.mean(axis=(1, 2)), deterministic=not train, rngs=rngs)
+    return self.out(x).astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    return self.head(self.features(x, train=train, rngs=rngs), train=train, rngs=rngs)
+
+
+ResNet18 = partial(ResNet, (2, 2, 2, 2), False)
+ResNet50 = partial(ResNet, (3, 4, 6, 3), True)

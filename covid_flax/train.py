@@ -1,0 +1,409 @@
+"""Training: state creation, per-device `train_step` / `eval_step`, and the loop.
+
+The steps are written per device, as under `pmap`: gradients, metrics and BatchNorm statistics are
+averaged explicitly with `jax.lax.pmean` over the `data` axis. `jax.shard_map` runs them on a mesh
+of every device of every process, under `jax.jit`, with the state donated.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from sklearn import metrics as skm
+from tqdm import tqdm
+
+from covid_flax import checkpointing, config_lib, input_pipeline, metric_writers, models, parallel
+from covid_flax.parallel import DATA_AXIS
+
+NUM_CLASSES = 2
+_MEAN, _STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: nnx.State
+  model_state: nnx.State  # BatchNorm statistics: everything that is not a trained parameter.
+  opt_state: optax.OptState
+  rng: jax.Array  # Raw uint32 key data; per-step keys are folded in from it.
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
+  return models.create_model(
+    config.model,
+    image_size=config.image_size,
+    num_classes=NUM_CLASSES,
+    dropout_rate=config.dropout_rate,
+    dtype=compute_dtype(config),
+    rngs=nnx.Rngs(seed),
+  )
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> optax.GradientTransformation:
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+  if config.lr_schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, warmup, max(total_steps, warmup + 1)
+    )
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup),
+         optax.constant_schedule(config.learning_rate)], [warmup],
+    )  # fmt: skip
+  if config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  else:
+    tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum, nesterov=True),
+    )
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
+  model = create_model(config, config.seed)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(config.seed)),
+  )
+  return graphdef, state
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 or [0, 1] float images -> zero-centred float32."""
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  return (images - _MEAN) / _STD
+
+
+def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """Per-example random translation (edge padding), flips and brightness/contrast jitter of
+  [0, 1] images (N, H, W, 1), one key per example."""
+  size = images.shape[1]
+  pad = int(round(config.aug_translate * size))
+
+  def one(image, key):
+    k_shift, k_flip, k_bright, k_contrast = jax.random.split(key, 4)
+    if pad:
+      padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+      dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * pad + 1)
+      image = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
+    if config.aug_hflip:
+      image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
+    if config.aug_brightness:
+      b = config.aug_brightness
+      image = image + jax.random.uniform(k_bright, (), minval=-b, maxval=b)
+    if config.aug_contrast:
+      c = config.aug_contrast
+      mean = image.mean()
+      image = (image - mean) * jax.random.uniform(k_contrast, (), minval=1 - c, maxval=1 + c) + mean
+    return image
+
+  return jax.vmap(one)(images, keys)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, NUM_CLASSES), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step, written for one device's share of the global batch."""
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  aug_key, dropout_key = jax.random.split(step_key)
+  local_batch = batch["image"].shape[0]
+  # Keys by global example index: augmentation does not depend on the number of devices.
+  example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
+  images = batch["image"].astype(jnp.float32) / 255.0
+  if config.augment:
+    keys = jax.vmap(functools.partial(jax.random.fold_in, aug_key))(example_ids)
+    images = augment(images, keys, config)
+  images = normalize(images).astype(compute_dtype(config))
+  dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+
+  # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
+  model = nnx.merge(graphdef, state.params, state.model_state)
+
+  def loss_fn(model):
+    logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+    return cross_entropy(logits, batch["label"], config.label_smoothing).mean(), logits
+
+  grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+  (loss, logits), grads = grad_fn(model)
+  model_state = nnx.state(model, nnx.Not(nnx.Param))
+  grads = jax.lax.pmean(grads, DATA_AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+    "loss": loss,
+    "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+    "grad_norm": optax.tree.norm(grads),
+  }
+  metrics = jax.lax.pmean(metrics, DATA_AXIS)
+  new_state = state.replace(
+    step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+  )
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  metrics["finite"] = finite
+  if config.nan_policy == "skip":  # Keep the old state, but move on to the next batch.
+    skipped = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
+  return new_state, metrics
+
+
+def eval_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+  """P(covid) and the loss for each of this device's examples."""
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  logits = model(normalize(batch["image"]).astype(compute_dtype(config)), train=False)
+  return jax.nn.softmax(logits)[:, 1], cross_entropy(logits, batch["label"])
+
+
+def make_parallel_steps(
+  mesh: jax.sharding.Mesh,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> tuple[Callable, Callable]:
+  """(train_step, eval_step) jitted over the mesh: state replicated, batches split on `data`."""
+  p_train = jax.shard_map(
+    functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
+    mesh=mesh,
+    in_specs=(P(), P(DATA_AXIS)),
+    out_specs=(P(), P()),
+  )
+  p_eval = jax.shard_map(
+    functools.partial(eval_step, graphdef=graphdef, config=config),
+    mesh=mesh,
+    in_specs=(P(), P(DATA_AXIS)),
+    out_specs=P(DATA_AXIS),
+  )
+  return jax.jit(p_train, donate_argnums=0), jax.jit(p_eval)
+
+
+def predict_split(
+  p_eval: Callable, state: TrainState, data: input_pipeline.SplitData, mesh, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """(probabilities, losses) for every example of `data`, in order, on every process."""
+  probs, losses = [], []
+  for batch in input_pipeline.eval_batches(data, batch_size):
+    mask = batch.pop("mask")
+    p, loss = p_eval(state, parallel.global_batch(mesh, batch))
+    global_mask = parallel.to_host(parallel.global_batch(mesh, {"m": mask})["m"])
+    probs.append(parallel.to_host(p)[global_mask])
+    losses.append(parallel.to_host(loss)[global_mask])
+  return np.concatenate(probs), np.concatenate(losses)
+
+
+def summarize(labels: np.ndarray, probs: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
+  """Loss, accuracy, sensitivity, specificity at threshold 0.5, and ROC-AUC (None if one class)."""
+  preds = (probs >= 0.5).astype(int)
+  two_classes = len(np.unique(labels)) == 2
+  return {
+    "loss": float(losses.mean()),
+    "accuracy": float(skm.accuracy_score(labels, preds)),
+    "sensitivity": float(skm.recall_score(labels, preds, pos_label=1, zero_division=0)),
+    "specificity": float(skm.recall_score(labels, preds, pos_label=0, zero_division=0)),
+    "auc": float(skm.roc_auc_score(labels, probs)) if two_classes else None,
+  }
+
+
+class _StopRequested:
+  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (main thread only)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest usable checkpoint; returns the state."""
+  config_lib.validate(config)
+  checkpointing.check_workdir_compatible(workdir, config)
+  is_chief = jax.process_index() == 0
+  mesh = parallel.create_mesh()
+  train_data = input_pipeline.load_split(config, config.train_split)
+  val_data = input_pipeline.load_split(config, config.eval_split)
+  steps_per_epoch = len(train_data) // config.batch_size
+  if steps_per_epoch == 0:
+    raise config_lib.ConfigError(
+      f"config.batch_size={config.batch_size} is larger than the {len(train_data)} training "
+      f"examples of {config.dataset}; use a batch size <= {len(train_data)}"
+    )
+  total_steps = steps_per_epoch * config.num_epochs
+  tx = create_optimizer(config, steps_per_epoch, total_steps)
+  graphdef, state = create_train_state(config, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  p_train, p_eval = make_parallel_steps(mesh, graphdef, tx, config)
+
+  data_iter = input_pipeline.train_iterator(
+    input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
+  )
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  restored = checkpointing.restore_latest_usable(manager, _abstract(state))
+  if restored:
+    step, state, iter_state = restored
+    data_iter.set_state(iter_state)
+    logging.info("Resumed from checkpoint step %d in %s", step, workdir)
+  writer = metric_writers.MetricWriter(workdir)
+  start_step = int(state.step)
+  if is_chief:
+    logging.info("%s: %d train / %d %s examples, %d devices, %d steps of %d",
+                 config.dataset, len(train_data), len(val_data), config.eval_split,
+                 jax.device_count(), total_steps, config.batch_size)  # fmt: skip
+  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+             disable=not (is_chief and config.progress_bar))  # fmt: skip
+  pending, val_summary = [], None
+  t_log, t_start, steps_since_log = time.perf_counter(), time.perf_counter(), 0
+  with _StopRequested() as stop:
+    for step in range(start_step, total_steps):
+      epoch = step // steps_per_epoch + 1
+      batch = parallel.global_batch(mesh, next(data_iter))
+      state, metrics = p_train(state, batch)
+      pending.append(metrics)
+      steps_since_log += 1
+      done = step + 1
+      end_of_epoch = done % steps_per_epoch == 0
+      if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
+        fetched = jax.device_get(pending)  # The only host sync of the train metrics.
+        pending = []
+        bad = [m for m in fetched if not m["finite"]]
+        if bad and config.nan_policy == "stop":
+          raise NonFiniteLossError(
+            f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
+            f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
+            f"{checkpointing.checkpoint_dir(workdir)}"
+          )
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
+        elapsed = time.perf_counter() - t_log
+        img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+        t_log, steps_since_log = time.perf_counter(), 0
+        writer.write(
+          done, "train", {**summary, "img_per_s": img_s, "skipped": len(bad)}, epoch=epoch
+        )
+        bar.set_description(f"epoch {epoch}/{config.num_epochs}")
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
+      bar.update(1)
+      saved = False
+      if end_of_epoch:
+        probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
+        val_summary = summarize(val_data.labels, probs, losses)
+        writer.write(done, "val", val_summary, epoch=epoch)
+        auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
+        checkpointing.save(manager, done, state, data_iter.get_state(), config,
+                           {checkpointing.VAL_METRIC: auc})  # fmt: skip
+        saved = True
+      elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+        checkpointing.save(manager, done, state, data_iter.get_state(), config)
+        saved = True
+      writer.flush()
+      if stop.signum is not None and done < total_steps:
+        if not saved:
+          checkpointing.save(manager, done, state, data_iter.get_state(), config)
+        manager.wait_until_finished()
+        bar.close()
+        logging.warning("Signal %d: saved step %d. Run the same command again to resume.",
+                        stop.signum, done)  # fmt: skip
+        print(f"Stopped by signal {stop.signum} at step {done}; checkpoint saved in "
+              f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")  # fmt: skip
+        raise SystemExit(128 + stop.signum)
+  bar.close()
+  manager.wait_until_finished()
+  writer.close()
+  if is_chief:
+    _write_train_summary(workdir, config, train_data, time.perf_counter() - t_start, val_summary)
+  return state
+
+
+def _write_train_summary(workdir, config, train_data, seconds, val_summary) -> None:
+  path = os.path.join(workdir, "train_summary.json")
+  previous = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  summary = {
+    "dataset": config.dataset,
+    "model": config.model,
+    "num_train_examples": len(train_data),
+    "train_time_s": previous.get("train_time_s", 0.0) + seconds,
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    "final_val": val_summary,
+  }
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  if val_summary:
+    auc = val_summary["auc"]
+    print(f"Final {config.eval_split}: accuracy {val_summary['accuracy']:.4f}, sensitivity "
+          f"{val_summary['sensitivity']:.4f}, specificity {val_summary['specificity']:.4f}, "
+          f"AUC {'n/a' if auc is None else f'{auc:.4f}'}")  # fmt: skip
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, shape/dtype/sharding tree) of a TrainState for `config`, for restoring in
+  evaluation: the optimizer state has the same structure whatever the schedule's length."""
+  tx = create_optimizer(config, 1, 2)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config)))
+  state = jax.eval_shape(lambda: create_train_state(config, tx)[1])
+  sharding = parallel.replicated(mesh)
+  return graphdef, jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+  )

@@ -1,0 +1,301 @@
+"""Compare two runs (e.g. CXR and CT): one Markdown table and both ROC curves on one figure.
+
+  python scripts/compare.py runs/cxr runs/ct [--output=DIR] [--split=test] [--names=CXR,CT]
+
+From each workdir it reads the latest `eval/<split>-<step>/metrics.json` and `predictions.csv`
+(columns filename, patient_id, label, probability) and, if present, `train_summary.json`
+({"train_time_s", "num_train_examples", ...}). It writes to DIR (default: `comparison/` next to the
+first workdir) `comparison.md`, `comparison.json` and `roc_comparison.png`.
+
+For each metric the table gives both values with their intervals from metrics.json, the difference
+(first minus second), a patient-bootstrap interval of that difference (the two test sets are
+independent, so each is resampled on its own) and whether the two intervals overlap. Overlapping
+intervals do not show that the runs are equal; an interval of the difference that excludes 0 is the
+better evidence of a difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+if __package__ in (None, ""):  # Run as a script from a checkout: make covid_flax importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from covid_flax import metrics as metrics_lib
+from covid_flax import plots
+
+LOWER_IS_BETTER = ("brier", "ece")
+PREDICTION_COLUMNS = ("filename", "patient_id", "label", "probability")
+
+
+class Run(NamedTuple):
+  name: str
+  workdir: Path
+  eval_dir: Path
+  results: dict[str, Any]  # metrics.json
+  labels: np.ndarray
+  probs: np.ndarray
+  patient_ids: np.ndarray
+  train_summary: dict[str, Any] | None
+
+
+def latest_eval_dir(workdir: str | Path, split: str) -> Path:
+  """`workdir/eval/<split>-<step>` with the highest step that has a metrics.json."""
+  eval_root = Path(workdir) / "eval"
+  pattern = re.compile(rf"{re.escape(split)}-(\d+)")
+  dirs = sorted(eval_root.iterdir()) if eval_root.is_dir() else []
+  found = [
+    (int(m.group(1)), d)
+    for d in dirs
+    if (m := pattern.fullmatch(d.name)) and (d / "metrics.json").is_file()
+  ]
+  if not found:
+    raise FileNotFoundError(
+      f"no evaluation results in {eval_root}: expected {eval_root}/{split}-<step>/metrics.json "
+      "(run the evaluation first, or pick another --split)"
+    )
+  return max(found)[1]
+
+
+def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(labels, probs, patient_ids) of a predictions.csv; errors name the file."""
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing (written by the evaluation with metrics.json)")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = set(PREDICTION_COLUMNS) - set(reader.fieldnames or ())
+    if missing:
+      raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    rows = list(reader)
+  try:
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  return labels, probs, np.array([r["patient_id"] for r in rows], dtype=object)
+
+
+def load_run(workdir: str | Path, split: str = "test", name: str | None = None) -> Run:
+  workdir = Path(workdir)
+  eval_dir = latest_eval_dir(workdir, split)
+  with open(eval_dir / "metrics.json") as f:
+    results = json.load(f)
+  if not metrics_lib.threshold_records(results):
+    raise ValueError(f"{eval_dir / 'metrics.json'} has no 'threshold_*' records")
+  labels, probs, patient_ids = read_predictions_csv(eval_dir / "predictions.csv")
+  summary_path = workdir / "train_summary.json"
+  summary = None
+  if summary_path.is_file():
+    with open(summary_path) as f:
+      summary = json.load(f)
+  return Run(
+    name or workdir.resolve().name, workdir, eval_dir, results, labels, probs, patient_ids, summary
+  )
+
+
+def intervals_overlap(a: Sequence[float | None], b: Sequence[float | None]) -> bool | None:
+  """Whether closed intervals a and b share a point; None if either is missing."""
+  if None in (*a, *b):
+    return None
+  return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _duration(seconds: Any) -> str:
+  if not isinstance(seconds, int | float):
+    return "unknown"
+  s = round(seconds)
+  return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s ({seconds:.0f} s)"
+
+
+def _fmt(x: float | None, digits: int = 3, sign: bool = False) -> str:
+  return "n/a" if x is None else f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def compare_runs(
+  workdirs: Sequence[str | Path],
+  output_dir: str | Path,
+  names: Sequence[str] | None = None,
+  split: str = "test",
+  threshold_key: str = "threshold_val",
+  n_resamples: int = 1000,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Writes comparison.md, comparison.json and roc_comparison.png; returns comparison.json's dict.
+
+  Its "metrics" map each metric name to {"values": [a, b], "cis": [[lo, hi], [lo, hi]],
+  "difference", "difference_ci", "intervals_overlap", "better"}.
+  """
+  if len(workdirs) != 2:
+    raise ValueError(f"compare exactly two workdirs, got {len(workdirs)}")
+  names = list(names) if names else [None, None]
+  if len(names) != 2:
+    raise ValueError(f"give two names, one per workdir, got {names}")
+  runs = [load_run(w, split, n) for w, n in zip(workdirs, names, strict=True)]
+  if runs[0].name == runs[1].name:
+    runs = [r._replace(name=f"{r.name} ({r.workdir})") for r in runs]
+  a, b = runs
+  records = []
+  for run in runs:
+    if threshold_key not in run.results:
+      raise ValueError(f"{run.eval_dir / 'metrics.json'} has no {threshold_key!r} record")
+    records.append(run.results[threshold_key])
+  dists = [
+    metrics_lib.bootstrap_distribution(
+      run.labels, run.probs, run.patient_ids, rec["threshold"], n_resamples, seed + i
+    )
+    for i, (run, rec) in enumerate(zip(runs, records, strict=True))
+  ]
+  out_metrics = {}
+  for name in metrics_lib.METRICS:
+    m = [rec["metrics"][name] for rec in records]
+    values = [r["value"] for r in m]
+    cis = [[r["ci_low"], r["ci_high"]] for r in m]
+    diff = None if None in values else values[0] - values[1]
+    d = metrics_lib.percentile_interval(dists[0][name] - dists[1][name])
+    diff_ci = [None if np.isnan(d.low) else d.low, None if np.isnan(d.high) else d.high]
+    better = "no clear difference"
+    if diff is not None and None not in diff_ci and (diff_ci[0] > 0 or diff_ci[1] < 0):
+      first_higher = diff_ci[0] > 0
+      better = runs[0 if first_higher != (name in LOWER_IS_BETTER) else 1].name
+    out_metrics[name] = {
+      "values": values,
+      "cis": cis,
+      "ci_methods": [r["ci_method"] for r in m],
+      "difference": diff,
+      "difference_ci": diff_ci,
+      "difference_n_valid": d.n_valid,
+      "intervals_overlap": intervals_overlap(*cis),
+      "better": better,
+    }
+  output_dir = Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  curves = {r.name: plots.curve_from_results(r.labels, r.probs, r.results) for r in runs}
+  plots.plot_roc(curves, output_dir / "roc_comparison.png", f"ROC on {split}: {a.name} vs {b.name}")
+  comparison = {
+    "runs": [
+      {
+        "name": r.name,
+        "workdir": str(r.workdir),
+        "eval_dir": str(r.eval_dir),
+        "threshold": rec["threshold"],
+        "counts": rec["counts"],
+        "train_time_s": (r.train_summary or {}).get("train_time_s"),
+        "num_train_examples": (r.train_summary or {}).get("num_train_examples"),
+      }
+      for r, rec in zip(runs, records, strict=True)
+    ],
+    "split": split,
+    "threshold_key": threshold_key,
+    "difference_bootstrap": {"n_resamples": n_resamples, "seed": seed, "unit": "patient"},
+    "metrics": out_metrics,
+  }
+  with open(output_dir / "comparison.json", "w") as f:
+    json.dump(comparison, f, indent=2)
+  (output_dir / "comparison.md").write_text(comparison_markdown(comparison))
+  return comparison
+
+
+def comparison_markdown(comparison: Mapping[str, Any]) -> str:
+  """The comparison table and the stated differences, from `compare_runs`'s dict."""
+  ra, rb = comparison["runs"]
+  a, b, split = ra["name"], rb["name"], comparison["split"]
+  lines = [f"# {a} vs {b} ({split} split)", ""]
+  lines += [f"| | {a} | {b} | Difference ({a} - {b}) [95% CI] | Intervals overlap |"]
+  lines += ["|---|---|---|---|---|"]
+  for name, m in comparison["metrics"].items():
+    vals = [
+      metrics_lib.format_value({"value": v, "ci_low": c[0], "ci_high": c[1]})
+      for v, c in zip(m["values"], m["cis"], strict=True)
+    ]
+    lo, hi = m["difference_ci"]
+    diff = f"{_fmt(m['difference'], sign=True)} [{_fmt(lo, sign=True)}, {_fmt(hi, sign=True)}]"
+    overlap = {True: "yes", False: "no", None: "n/a"}[m["intervals_overlap"]]
+    lines.append(
+      f"| {metrics_lib.METRIC_LABELS[name]} | {vals[0]} | {vals[1]} | {diff} | {overlap} |"
+    )
+  for label, key in (
+    (f"{split} images", "n_images"),
+    (f"{split} patients", "n_patients"),
+    (f"{split} COVID images", "n_positive"),
+    (f"{split} non-COVID images", "n_negative"),
+  ):
+    lines.append(f"| {label} | {ra['counts'][key]} | {rb['counts'][key]} | | |")
+  train = [r["num_train_examples"] for r in (ra, rb)]
+  lines.append("| Training images | " + " | ".join(str(t or "unknown") for t in train) + " | | |")
+  lines.append(
+    f"| Training time | {_duration(ra['train_time_s'])} | {_duration(rb['train_time_s'])} | | |"
+  )
+  lines.append(f"| Threshold | {ra['threshold']:.4g} | {rb['threshold']:.4g} | | |")
+  boot = comparison["difference_bootstrap"]
+  methods = [
+    "/".join(sorted({m["ci_methods"][i] for m in comparison["metrics"].values()})) for i in (0, 1)
+  ]
+  lines += [
+    "",
+    (
+      f"Metrics at `{comparison['threshold_key']}`, 95 % intervals from each run's metrics.json "
+      f"({a}: {methods[0]}; {b}: {methods[1]}). Intervals of the differences: "
+      f"{boot['n_resamples']} independent patient resamples of each {split} set. Overlapping "
+      "intervals do not mean the runs are equal; a difference interval that excludes 0 is the "
+      "stronger evidence."
+    ),
+    "",
+    "Differences:",
+    "",
+  ]
+  for name, m in comparison["metrics"].items():
+    label = metrics_lib.METRIC_LABELS[name]
+    if m["difference"] is None:
+      lines.append(f"- {label}: undefined for at least one run.")
+      continue
+    overlap = {True: "overlap", False: "do not overlap", None: "cannot be compared"}
+    verdict = (
+      "no clear difference" if m["better"] == "no clear difference" else f"{m['better']} is better"
+    )
+    lines.append(
+      f"- {label}: {a} {_fmt(m['values'][0])} vs {b} {_fmt(m['values'][1])}, difference "
+      f"{_fmt(m['difference'], sign=True)}; the intervals {overlap[m['intervals_overlap']]}; "
+      f"{verdict}."
+    )
+  lines += ["", "![ROC curves](roc_comparison.png)", ""]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("workdirs", nargs=2, help="the two run directories, e.g. runs/cxr runs/ct")
+  parser.add_argument("--output", help="output folder (default: comparison/ next to the first)")
+  parser.add_argument("--split", default="test", help="evaluated split to compare (default test)")
+  parser.add_argument("--names", help="comma-separated display names (default: folder names)")
+  parser.add_argument(
+    "--threshold",
+    default="threshold_val",
+    help="metrics.json record: threshold_val or threshold_0.5",
+  )
+  parser.add_argument("--n_resamples", type=int, default=1000, help="bootstrap of the differences")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  names = args.names.split(",") if args.names else None
+  output = Path(args.output) if args.output else Path(args.workdirs[0]).parent / "comparison"
+  try:
+    compare_runs(
+      args.workdirs, output, names, args.split, args.threshold, args.n_resamples, args.seed
+    )
+  except (FileNotFoundError, ValueError) as e:
+    print(f"compare.py: error: {e}", file=sys.stderr)
+    return 2
+  print(f"Wrote {output / 'comparison.md'}, {output / 'roc_comparison.png'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,124 @@
+"""scripts/compare.py on fake workdirs built with covid_flax.metrics."""
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_flax import metrics
+
+_SPEC = importlib.util.spec_from_file_location(
+  "compare", Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+)
+compare = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compare)
+
+
+def _fake_workdir(root, name, separation, seed, step=300, summary=None, n_patients=80):
+  """A workdir with eval/test-<step>/{metrics.json,predictions.csv}; 2 images per patient."""
+  rng = np.random.default_rng(seed)
+  patient_labels = rng.integers(0, 2, n_patients)
+  labels = np.repeat(patient_labels, 2)
+  probs = np.clip(rng.normal(0.5 + separation * (labels - 0.5), 0.15), 0, 1)
+  pids = np.repeat([f"{name}-{i}" for i in range(n_patients)], 2)
+  workdir = root / name
+  eval_dir = workdir / "eval" / f"test-{step}"
+  eval_dir.mkdir(parents=True)
+  (workdir / "eval" / "test-20").mkdir()  # Older, without results: must be ignored.
+  threshold = metrics.choose_threshold(labels, probs, 0.9)
+  results = metrics.evaluate_at_thresholds(labels, probs, pids, threshold, 0.9, n_resamples=200)
+  (eval_dir / "metrics.json").write_text(json.dumps(results))
+  with open(eval_dir / "predictions.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["filename", "patient_id", "label", "probability"])
+    for i, (pid, y, p) in enumerate(zip(pids, labels, probs, strict=True)):
+      writer.writerow([f"img{i}.png", pid, int(y), repr(float(p))])
+  if summary is not None:
+    (workdir / "train_summary.json").write_text(json.dumps(summary))
+  return workdir, results
+
+
+@pytest.fixture
+def runs(tmp_path):
+  good, good_results = _fake_workdir(
+    tmp_path, "cxr", 0.7, 0, summary={"train_time_s": 3725.0, "num_train_examples": 1234}
+  )
+  weak, weak_results = _fake_workdir(tmp_path, "ct", 0.05, 1)
+  return tmp_path, (good, good_results), (weak, weak_results)
+
+
+def test_compare_writes_table_and_figure(runs):
+  root, (good, good_results), (weak, weak_results) = runs
+  out = root / "out"
+  result = compare.compare_runs([good, weak], out, n_resamples=200)
+  table = (out / "comparison.md").read_text()
+  assert json.loads((out / "comparison.json").read_text()) == json.loads(json.dumps(result))
+  with Image.open(out / "roc_comparison.png") as image:
+    assert image.format == "PNG" and image.size[0] > 300
+    assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+  assert "| | cxr | ct | Difference (cxr - ct) [95% CI] | Intervals overlap |" in table
+  assert "| Training time | 1h 02m 05s (3725 s) | unknown | | |" in table
+  assert "| Training images | 1234 | unknown | | |" in table
+  assert "| test patients | 80 | 80 | | |" in table
+  # A strong vs a near-chance classifier: AUC intervals apart, a clear winner.
+  auc = result["metrics"]["roc_auc"]
+  good_auc = good_results["threshold_val"]["metrics"]["roc_auc"]
+  weak_auc = weak_results["threshold_val"]["metrics"]["roc_auc"]
+  assert auc["values"] == [good_auc["value"], weak_auc["value"]]
+  assert auc["intervals_overlap"] is False
+  assert auc["better"] == "cxr"
+  assert auc["difference"] == pytest.approx(good_auc["value"] - weak_auc["value"])
+  assert auc["difference_ci"][0] > 0
+  row = next(line for line in table.splitlines() if line.startswith("| ROC-AUC |"))
+  assert row.endswith("| no |")
+  assert "- ROC-AUC: cxr" in table and "do not overlap; cxr is better." in table
+  # Every overlap flag agrees with the intervals in the two metrics.json files.
+  for name, m in result["metrics"].items():
+    a = good_results["threshold_val"]["metrics"][name]
+    b = weak_results["threshold_val"]["metrics"][name]
+    expected = a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
+    assert m["intervals_overlap"] == expected, name
+
+
+def test_compare_identical_runs_overlap(runs, tmp_path):
+  _, (good, _), _ = runs
+  twin = tmp_path / "twin"
+  shutil.copytree(good, twin)
+  result = compare.compare_runs([good, twin], tmp_path / "o", names=["A", "B"], n_resamples=100)
+  for name, m in result["metrics"].items():
+    assert m["intervals_overlap"] is True, name
+    assert m["difference"] == 0.0
+    assert m["better"] == "no clear difference", name
+  assert "A vs B" in (tmp_path / "o" / "comparison.md").read_text()
+
+
+def test_intervals_overlap():
+  assert compare.intervals_overlap([0.1, 0.5], [0.5, 0.9]) is True  # Touching counts.
+  assert compare.intervals_overlap([0.1, 0.4], [0.5, 0.9]) is False
+  assert compare.intervals_overlap([0.6, 0.7], [0.5, 0.9]) is True
+  assert compare.intervals_overlap([None, 0.7], [0.5, 0.9]) is None
+
+
+def test_missing_eval_results_name_the_path(runs, tmp_path, capsys):
+  _, (good, _), _ = runs
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match=str(empty / "eval")):
+    compare.compare_runs([good, empty], tmp_path / "o")
+  assert compare.main([str(good), str(empty), f"--output={tmp_path / 'o'}"]) == 2
+  assert str(empty / "eval") in capsys.readouterr().err
+  (next((good / "eval").glob("test-300")) / "predictions.csv").unlink()
+  with pytest.raises(FileNotFoundError, match="predictions.csv"):
+    compare.load_run(good)
+
+
+def test_main_cli(runs, tmp_path):
+  _, (good, _), (weak, _) = runs
+  assert compare.main([str(good), str(weak), "--n_resamples=50"]) == 0
+  assert (good.parent / "comparison" / "comparison.md").is_file()
+  assert (good.parent / "comparison" / "roc_comparison.png").is_file()

@@ -1,0 +1,57 @@
+"""Configs the code can't honour fail at start with a message naming the field."""
+
+import pytest
+
+from configs import ct, cxr, default, synthetic
+from covid_flax import config_lib
+
+
+@pytest.mark.parametrize("module", [default, synthetic, cxr, ct])
+def test_shipped_configs_are_valid(module):
+  config_lib.validate(module.get_config())
+
+
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("batch_size", 30, "config.batch_size=30 is not divisible by the 8 devices"),
+    ("eval_batch_size", 12, "config.eval_batch_size=12 is not divisible"),
+    ("model", "vgg", "config.model='vgg' is unknown; choose one of"),
+    ("optimizer", "lamb", "config.optimizer='lamb' is not allowed; it must be one of"),
+    ("image_size", 16, "config.image_size=16 is not allowed; it must be >= 32"),
+    ("learning_rate", -1.0, "config.learning_rate=-1.0 is not allowed; it must be > 0"),
+    ("nan_policy", "ignore", "config.nan_policy='ignore'"),
+    ("augment", 1, "config.augment=1 has type int"),
+    ("image_size", 64.0, "config.image_size=64.0 has type float"),
+  ],
+)
+def test_bad_field_is_named(field, value, message):
+  config = synthetic.get_config()
+  with config.ignore_type():
+    config[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    config_lib.validate(config)
+
+
+def test_unknown_field_is_named():
+  config = synthetic.get_config()
+  config.learning_rat = 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config field\(s\) \['learning_rat'\]"):
+    config_lib.validate(config)
+
+
+def test_coordinator_needs_process_count():
+  config = synthetic.get_config()
+  config.coordinator_address = "127.0.0.1:1234"
+  with pytest.raises(config_lib.ConfigError, match="config.num_processes > 0"):
+    config_lib.validate(config)
+
+
+def test_batch_larger_than_dataset(synthetic_data_dir, tmp_path):
+  from conftest import tiny_config
+
+  from covid_flax import train
+
+  config = tiny_config(synthetic_data_dir, batch_size=8000)
+  with pytest.raises(config_lib.ConfigError, match="config.batch_size=8000 is larger than"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -1,0 +1,65 @@
+"""The data-parallel step on 8 devices equals the 1-device step on the same global batch."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from jax.sharding import Mesh
+
+from covid_flax import parallel, train
+
+
+def _mesh(n: int) -> Mesh:
+  devices = np.array(jax.devices()[:n])
+  return Mesh(devices, (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _run(config, mesh, batches):
+  tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  graphdef, state = train.create_train_state(config, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
+  losses = []
+  for batch in batches:
+    state, metrics = p_train(state, parallel.global_batch(mesh, batch))
+    losses.append(float(metrics["loss"]))
+  probs, _ = p_eval(state, parallel.global_batch(mesh, batches[0]))
+  return losses, jax.device_get(state), np.asarray(probs)
+
+
+@pytest.mark.parametrize("model", ["tiny_cnn", "seed_cnn"])
+def test_eight_devices_match_one(model):
+  assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
+  config = tiny_config("", model=model, optimizer="sgd", learning_rate=0.05, augment=True,
+                       dropout_rate=0.0, image_size=40)  # fmt: skip
+  rng = np.random.default_rng(0)
+  batches = [
+      {"image": rng.integers(0, 256, (16, 40, 40, 1), dtype=np.uint8),
+       "label": rng.integers(0, 2, (16,)).astype(np.int32)}
+      for _ in range(3)
+  ]  # fmt: skip
+  losses1, state1, probs1 = _run(config, _mesh(1), batches)
+  losses8, state8, probs8 = _run(config, _mesh(8), batches)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
+  assert losses1[0] != losses1[-1]  # The steps did something.
+  for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(probs8, probs1, rtol=1e-5, atol=1e-6)
+  if model == "tiny_cnn":  # BatchNorm statistics moved, identically on both meshes.
+    assert np.abs(np.asarray(state1.model_state["bn"]["mean"][...])).max() > 0
+
+
+def test_eval_batches_pad_and_mask():
+  from covid_flax import input_pipeline
+
+  data = input_pipeline.SplitData(
+    images=np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 4, 4, 1), np.uint8),
+    labels=np.arange(10) % 2,
+    patient_ids=np.array([f"p{i}" for i in range(10)]),
+    filenames=np.array([f"f{i}" for i in range(10)]),
+  )
+  batches = list(input_pipeline.eval_batches(data, 8))
+  assert len(batches) == 2
+  assert batches[1]["mask"].tolist() == [True, True] + [False] * 6
+  seen = np.concatenate([b["image"][b["mask"], 0, 0, 0] for b in batches])
+  assert seen.tolist() == list(range(10))

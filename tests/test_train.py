@@ -1,0 +1,123 @@
+"""End-to-end training on the synthetic dataset: learning, logs, checkpoints, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO_ROOT, tiny_config
+
+from covid_flax import config_lib, metric_writers, train
+
+
+def _main_cmd(workdir, data_dir, *extra):
+  flags = dict(model="tiny_cnn", image_size=48, num_epochs=3, learning_rate=0.01,
+               warmup_epochs=0.2, augment=False, progress_bar=False, data_dir=data_dir)  # fmt: skip
+  return [
+      sys.executable, "-m", "covid_flax.main", "--config=configs/synthetic.py",
+      f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()], *extra,
+  ]  # fmt: skip
+
+
+def _final_params(workdir) -> dict:
+  ckpt = Path(workdir) / "checkpoints"
+  step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  return step, ocp.StandardCheckpointer().restore((ckpt / str(step) / "state").absolute())
+
+
+def _assert_identical(a, b):
+  import jax
+
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(synthetic_data_dir), workdir)
+  records = metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  train_losses = [r["loss"] for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  assert len(val) == 2 and train_losses[-1] < train_losses[0]
+  assert val[-1]["auc"] > 0.6, val  # Chance is 0.5.
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
+  steps = sorted(int(p) for p in os.listdir(f"{workdir}/checkpoints") if p.isdigit())
+  assert steps[-1] == val[-1]["step"]
+  summary = json.load(open(f"{workdir}/train_summary.json"))
+  assert summary["num_train_examples"] > 0 and summary["final_val"]["auc"] == val[-1]["auc"]
+
+
+def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  straight = tmp_path / "straight"
+  subprocess.run(_main_cmd(straight, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
+                 capture_output=True)  # fmt: skip
+  final_step, expected = _final_params(straight)
+  steps_per_epoch = final_step // 3
+
+  resumed = tmp_path / "resumed"
+  proc = subprocess.Popen(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+  first = resumed / "checkpoints" / str(steps_per_epoch)
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  assert not (resumed / "checkpoints" / str(final_step)).exists()
+  subprocess.run(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
+                 capture_output=True)  # fmt: skip
+  step, got = _final_params(resumed)
+  assert step == final_step
+  _assert_identical(expected, got)
+
+
+def test_sigterm_saves_and_resume_message(synthetic_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_main_cmd(workdir, synthetic_data_dir, "--config.num_epochs=50"),
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)  # fmt: skip
+  first_ckpt = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while not (first_ckpt.exists() and any(p.name.isdigit() for p in first_ckpt.iterdir())):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+  assert "Run the same command to resume" in out
+
+
+def test_rerun_after_completion_resumes_not_restarts(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(synthetic_data_dir, num_epochs=1)
+  first = train.train_and_evaluate(config, workdir)
+  again = train.train_and_evaluate(config, workdir)
+  assert int(again.step) == int(first.step)
+  _assert_identical(first.params, again.params)
+
+
+def test_incompatible_workdir_is_refused(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(synthetic_data_dir, num_epochs=1), workdir)
+  other = tiny_config(synthetic_data_dir, num_epochs=1, image_size=40)
+  with pytest.raises(config_lib.ConfigError, match=r"image_size: saved 48 vs now 40"):
+    train.train_and_evaluate(other, workdir)
+  other.overwrite = True
+  train.train_and_evaluate(other, workdir)
+  assert any(p.startswith("checkpoints.old-") for p in os.listdir(workdir))
+
+
+def test_nan_loss_stops_with_step(synthetic_data_dir, tmp_path):
+  config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0)
+  with pytest.raises(train.NonFiniteLossError, match="non-finite loss"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
