@@ -18,6 +18,7 @@ from absl import logging
 from PIL import Image
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
+from covid_flax import config_lib
 from covid_flax.datasets import common
 
 
@@ -41,7 +42,7 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       config.dataset, data_dir=config.data_dir or None, file_format="array_record"
     )
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"config.dataset={config.dataset!r} is not a known dataset: {e}") from e
+    raise config_lib.ConfigError(f"config.dataset={config.dataset!r} is unknown: {e}") from e
   if not builder.is_prepared():
     logging.info("Preparing %s into %s", config.dataset, builder.data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)

@@ -1,7 +1,7 @@
 """TFDS builders. Importing this package registers them with TFDS."""
 
 from covid_flax.datasets import (
-    covid_ct,  # noqa: F401  (registers 'covid_ct')
-    covid_cxr,  # noqa: F401  (registers 'covid_cxr')
-    synthetic,  # noqa: F401  (registers 'covid_synthetic')
+  covid_ct,  # noqa: F401  (registers 'covid_ct')
+  covid_cxr,  # noqa: F401  (registers 'covid_cxr')
+  synthetic,  # noqa: F401  (registers 'covid_synthetic')
 )

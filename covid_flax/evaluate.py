@@ -1,0 +1,156 @@
+"""Evaluates a trained checkpoint on a split, or on a folder of external images.
+
+  python -m covid_flax.evaluate --workdir=runs/cxr [--config=configs/cxr.py]
+      [--checkpoint=best|latest|STEP] [--split=test] [--images_dir=DIR]
+
+Writes `workdir/eval/<split>-<step>/` (or `images-<dir name>-<step>/`): metrics.json (every metric
+with a 95 % CI, at the operating point chosen on val and at 0.5), predictions.csv, report.md, and
+PNG plots (ROC, precision-recall, confusion matrix, reliability, training curves, Grad-CAM). The
+folder is written under a temporary name and renamed at the end: it is complete or absent.
+"""
+
+import csv
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from covid_flax import (
+  checkpointing,
+  config_lib,
+  gradcam,
+  inference,
+  input_pipeline,
+  metrics,
+  plots,
+  train,
+)
+from covid_flax.datasets import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Optional: must agree with the run's saved config.")
+flags.DEFINE_string("workdir", None, "The training run's workdir.")
+flags.DEFINE_string("checkpoint", "best", "'best' (by val AUC), 'latest' or a step number.")
+flags.DEFINE_string("split", "test", "The dataset split to evaluate.")
+flags.DEFINE_string(
+  "images_dir", None, "Evaluate this folder (with labels.csv) instead of a split."
+)
+flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the CIs.")
+flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP, FP, FN).")
+flags.mark_flags_as_required(["workdir"])
+
+USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError)
+
+
+def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
+  """A fixed (seeded) sample of true positives, false positives and false negatives."""
+  preds = probs >= threshold
+  kinds = {
+    "true positives": (data.labels == 1) & preds,
+    "false positives": (data.labels == 0) & preds,
+    "false negatives": (data.labels == 1) & ~preds,
+  }
+  rng = np.random.default_rng(0)
+  model = run.model()
+  dtype = train.compute_dtype(run.config)
+  groups = {}
+  for name, mask in kinds.items():
+    idx = np.flatnonzero(mask)
+    idx = np.sort(rng.choice(idx, size=min(per_group, len(idx)), replace=False))
+    if len(idx):
+      heat = gradcam.gradcam(model, data.images[idx], dtype)
+    else:
+      heat = np.zeros((0, *data.images.shape[1:3]))
+    titles = [f"{data.filenames[i][-28:]}\np={probs[i]:.2f}" for i in idx]
+    groups[name] = (data.images[idx, ..., 0], heat, titles)
+  return groups
+
+
+def write_predictions(path: str, data: input_pipeline.SplitData, probs: np.ndarray) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["filename", "patient_id", "label", "probability"])
+    for name, patient, label, p in zip(data.filenames, data.patient_ids, data.labels, probs):
+      writer.writerow([name, patient, int(label), repr(float(p))])
+
+
+def evaluate(
+  run: inference.Run,
+  data: input_pipeline.SplitData,
+  name: str,
+  n_resamples: int = 1000,
+  gradcam_per_group: int = 4,
+) -> str:
+  """Writes every evaluation output for `data` to workdir/eval/<name>-<step>; returns the path."""
+  point = inference.operating_point(run)
+  probs = run.predict(data)
+  results = metrics.evaluate_at_thresholds(
+      data.labels, probs, data.patient_ids, point["threshold"],
+      target_sensitivity=point["target_sensitivity"], n_resamples=n_resamples,
+  )  # fmt: skip
+  results.update(split=name, step=run.step, dataset=run.config.dataset, model=run.config.model,
+                 threshold_chosen_on=point["chosen_on"])  # fmt: skip
+  out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.step}")
+  if jax.process_index() != 0:
+    return out_dir
+  tmp = os.path.join(run.workdir, "eval", f".{name}-{run.step}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+      json.dump(results, f, indent=2, allow_nan=False)
+    write_predictions(os.path.join(tmp, "predictions.csv"), data, probs)
+    title = f"{run.config.model} on {run.config.dataset} {name}, step {run.step}"
+    curve = plots.curve_from_results(data.labels, probs, results)
+    plots.plot_roc({run.config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
+    plots.plot_precision_recall({run.config.model: curve}, os.path.join(tmp, "pr.png"))
+    val_record = metrics.threshold_records(results)["threshold_val"]
+    plots.plot_confusion_matrix(
+        val_record["confusion_matrix"], os.path.join(tmp, "confusion_matrix.png"),
+        title=f"Confusion matrix at threshold {point['threshold']:.3f} (chosen on val)",
+    )  # fmt: skip
+    plots.plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
+    log = os.path.join(run.workdir, "metrics.jsonl")
+    if os.path.exists(log):
+      plots.plot_training_curves(plots.load_jsonl(log), os.path.join(tmp, "training_curves.png"))
+    groups = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
+    plots.gradcam_grid(groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}")
+    report = metrics.markdown_report(results, title=f"Evaluation: {title}")
+    with open(os.path.join(tmp, "report.md"), "w") as f:
+      f.write(report)
+      f.write(f"\nOperating point: threshold {point['threshold']:.4f}, the highest with "
+              f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.\n")  # fmt: skip
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+    if FLAGS.images_dir:
+      data = inference.load_images_dir(FLAGS.images_dir, run.config.image_size)
+      name = "images-" + os.path.basename(os.path.normpath(FLAGS.images_dir))
+    else:
+      data = input_pipeline.load_split(run.config, FLAGS.split)
+      name = FLAGS.split
+    out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group)
+  except USER_ERRORS as e:
+    sys.exit(f"error: {e}")
+  logging.info("Wrote %s", out_dir)
+  print(open(os.path.join(out_dir, "report.md")).read())
+  print(f"Evaluation written to {out_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,179 @@
+"""Loading a trained run for inference: checkpoint choice, restore, batched prediction, the
+operating point, and folders of external images. Shared by `evaluate` and `predict`."""
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from covid_flax import checkpointing, config_lib, input_pipeline, metrics, parallel, train
+from covid_flax.datasets import common, image_io
+
+# Fields of the run's saved config that a `--config` given to evaluation may differ in.
+_MACHINE_FIELDS = ("data_dir", "manual_dir", "eval_batch_size", "progress_bar")
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored checkpoint, ready to predict."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  step: int
+  graphdef: nnx.GraphDef
+  state: train.TrainState
+  mesh: jax.sharding.Mesh
+  p_eval: Callable
+
+  def predict(self, data: input_pipeline.SplitData) -> np.ndarray:
+    probs, _ = train.predict_split(self.p_eval, self.state, data, self.mesh, self.batch_size)
+    return probs
+
+  @property
+  def batch_size(self) -> int:
+    n = jax.device_count()
+    return max(n, -(-self.config.eval_batch_size // n) * n)
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, jax.device_get(self.state.params),
+                     jax.device_get(self.state.model_state))  # fmt: skip
+
+
+def _select_step(manager, workdir: str, checkpoint: str) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise checkpointing.CheckpointError(
+      f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}: train first with "
+      f"python -m covid_flax.main --workdir={workdir} --config=..."
+    )
+  if checkpoint == "latest":
+    return manager.latest_step()
+  if checkpoint == "best":
+    return manager.best_step() if manager.best_step() is not None else manager.latest_step()
+  if not checkpoint.isdigit() or int(checkpoint) not in steps:
+    raise checkpointing.CheckpointError(
+      f"--checkpoint={checkpoint!r}: use 'best', 'latest' or one of the steps {sorted(steps)}"
+    )
+  return int(checkpoint)
+
+
+def load_run(
+  workdir: str, checkpoint: str = "best", config: ml_collections.ConfigDict | None = None
+) -> Run:
+  """Restores `checkpoint` ('best', 'latest' or a step) of `workdir` with its saved config. A
+  `config` given here may only change machine-specific fields (data paths, eval batch size)."""
+  if not os.path.isdir(workdir):
+    raise checkpointing.CheckpointError(f"workdir {workdir} does not exist")
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  step = _select_step(manager, workdir, checkpoint)
+  saved = checkpointing.load_saved_config(workdir, step)
+  if config is not None:
+    differ = {
+      k: (saved.get(k), config.get(k))
+      for k in sorted(set(saved.keys()) | set(config.keys()))
+      if k not in _MACHINE_FIELDS and saved.get(k) != config.get(k)
+    }
+    if differ:
+      listing = "; ".join(
+        f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in differ.items()
+      )
+      raise config_lib.ConfigError(
+        f"--config conflicts with the config saved in {workdir} at step {step}: {listing}. "
+        "Leave --config out to use the saved one."
+      )
+    saved = saved.copy_and_resolve_references()
+    for k in _MACHINE_FIELDS:
+      saved[k] = config[k]
+  mesh = parallel.create_mesh()
+  graphdef, abstract = train.abstract_train_state(saved, mesh)
+  try:
+    state, _ = checkpointing.restore(manager, step, abstract)
+  except Exception as e:
+    raise checkpointing.CheckpointError(
+      f"checkpoint step {step} in {manager.directory} does not restore as a {saved.model!r} "
+      f"model at image size {saved.image_size} (is it from another model, or damaged?): {e}"
+    ) from e
+  _, p_eval = train.make_parallel_steps(mesh, graphdef, train.create_optimizer(saved, 1, 2), saved)
+  return Run(workdir, saved, step, graphdef, state, mesh, p_eval)
+
+
+def operating_point_path(workdir: str, step: int) -> epath.Path:
+  return epath.Path(workdir) / "eval" / f"operating_point-{step}.json"
+
+
+def operating_point(run: Run) -> dict:
+  """The decision threshold of this checkpoint, chosen on the validation split (the highest
+  threshold with val sensitivity >= config.target_sensitivity); computed once and stored."""
+  path = operating_point_path(run.workdir, run.step)
+  if path.exists():
+    return json.loads(path.read_text())
+  val = input_pipeline.load_split(run.config, run.config.eval_split)
+  probs = run.predict(val)
+  threshold = metrics.choose_threshold(val.labels, probs, run.config.target_sensitivity)
+  point = {
+    "threshold": float(threshold),
+    "target_sensitivity": run.config.target_sensitivity,
+    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}",
+    "step": run.step,
+    "val_at_threshold": metrics.compute_metrics(val.labels, probs, threshold),
+  }
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(point, indent=2, default=float))
+    os.replace(tmp, path)
+  return point
+
+
+def load_images(paths: list[str], image_size: int) -> np.ndarray:
+  """Files -> (N, S, S, 1) uint8, each opened by content and converted like the training data."""
+  out = np.empty((len(paths), image_size, image_size, 1), np.uint8)
+  for i, path in enumerate(paths):
+    out[i] = input_pipeline.resize(np.asarray(image_io.load_grayscale(path)), image_size)
+  return out
+
+
+def _parse_label(value: str, where: str) -> int:
+  names = {n: i for i, n in enumerate(common.LABEL_NAMES)}
+  key = value.strip().lower()
+  if key in names:
+    return names[key]
+  if key in ("0", "1"):
+    return int(key)
+  raise common.DatasetError(f"{where}: unknown label {value!r}; use one of {list(names)} or 0/1")
+
+
+def load_images_dir(images_dir: str, image_size: int) -> input_pipeline.SplitData:
+  """A folder of images with `labels.csv` (relpath,label) as a split; each image is its own
+  patient (external data rarely says otherwise)."""
+  labels_csv = os.path.join(images_dir, "labels.csv")
+  if not os.path.isfile(labels_csv):
+    raise common.DatasetError(
+      f"{labels_csv} not found: --images_dir needs a labels.csv (relpath,label)"
+    )
+  relpaths, labels = [], []
+  with open(labels_csv, newline="") as f:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames or not {"relpath", "label"} <= set(reader.fieldnames):
+      raise common.DatasetError(
+        f"{labels_csv}: needs the header 'relpath,label', got {reader.fieldnames}"
+      )
+    for line, row in enumerate(reader, start=2):
+      where = f"{labels_csv} line {line}"
+      path = os.path.join(images_dir, row["relpath"] or "")
+      if not row["relpath"] or not os.path.isfile(path):
+        raise common.DatasetError(f"{where}: image {row['relpath']!r} not found in {images_dir}")
+      labels.append(_parse_label(row["label"] or "", where))
+      relpaths.append(row["relpath"])
+  if not relpaths:
+    raise common.DatasetError(f"{labels_csv} lists no images")
+  images = load_images([os.path.join(images_dir, p) for p in relpaths], image_size)
+  ids = np.asarray(relpaths)
+  return input_pipeline.SplitData(images, np.asarray(labels, np.int32), ids, ids)

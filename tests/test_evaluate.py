@@ -1,0 +1,180 @@
+"""Evaluation end to end on a checkpoint trained on the synthetic dataset, `predict`, bad input."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, tiny_config
+from PIL import Image
+
+from covid_flax import (
+  checkpointing,
+  config_lib,
+  evaluate,
+  inference,
+  input_pipeline,
+  metrics,
+  train,
+)
+from covid_flax.datasets import common
+
+PLOTS = ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "training_curves.png",
+         "gradcam.png")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(synthetic_data_dir, tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train.train_and_evaluate(tiny_config(synthetic_data_dir), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def run(trained_workdir) -> inference.Run:
+  return inference.load_run(trained_workdir, "best")
+
+
+@pytest.fixture
+def images_dir(tmp_path, run) -> str:
+  """A folder of external images (the synthetic test split saved as files) with labels.csv."""
+  test = input_pipeline.load_split(run.config, "test")
+  rows = []
+  for i in range(0, 24):
+    name = f"img{i:02d}.png"
+    Image.fromarray(test.images[i, ..., 0]).save(tmp_path / name)
+    rows.append((name, common.LABEL_NAMES[test.labels[i]]))
+  with open(tmp_path / "labels.csv", "w", newline="") as f:
+    csv.writer(f).writerows([("relpath", "label"), *rows])
+  return str(tmp_path)
+
+
+def _eval_entries(workdir):
+  return sorted(os.listdir(os.path.join(workdir, "eval")))
+
+
+def test_evaluate_writes_every_file(run):
+  test = input_pipeline.load_split(run.config, "test")
+  out = evaluate.evaluate(run, test, "test", n_resamples=200)
+  assert out.endswith(f"eval/test-{run.step}")
+  for name in PLOTS:
+    with Image.open(os.path.join(out, name)) as image:
+      pixels = np.asarray(image.convert("L"))
+    assert min(pixels.shape) > 200 and pixels.std() > 10, name  # decodes, not blank
+  results = json.load(open(os.path.join(out, "metrics.json")))
+  val_record = results["threshold_val"]
+  assert val_record["counts"]["n_images"] == len(test)
+  for name in metrics.METRICS:
+    assert name in val_record["metrics"]
+  assert results["threshold_0.5"]["threshold"] == 0.5
+  with open(os.path.join(out, "predictions.csv")) as f:
+    preds = list(csv.DictReader(f))
+  assert len(preds) == len(test) and set(preds[0]) == {
+    "filename",
+    "patient_id",
+    "label",
+    "probability",
+  }
+  assert "Sensitivity" in open(os.path.join(out, "report.md")).read()
+  assert not [e for e in _eval_entries(run.workdir) if e.endswith(".tmp")]
+
+
+def test_threshold_is_chosen_on_val_not_test(run):
+  point = inference.operating_point(run)
+  assert point["chosen_on"].endswith(":val")
+  val = input_pipeline.load_split(run.config, "val")
+  expected = metrics.choose_threshold(val.labels, run.predict(val), run.config.target_sensitivity)
+  assert point["threshold"] == pytest.approx(expected)
+  test = input_pipeline.load_split(run.config, "test")
+  out = evaluate.evaluate(run, test, "test", n_resamples=100)
+  results = json.load(open(os.path.join(out, "metrics.json")))
+  assert results["threshold_val"]["threshold"] == pytest.approx(expected)
+
+
+def test_predict_agrees_with_evaluate(run, images_dir, tmp_path):
+  data = inference.load_images_dir(images_dir, run.config.image_size)
+  out = evaluate.evaluate(run, data, "images-ext", n_resamples=100)
+  with open(os.path.join(out, "predictions.csv")) as f:
+    expected = {r["filename"]: float(r["probability"]) for r in csv.DictReader(f)}
+  paths = sorted(os.path.join(images_dir, n) for n in expected)
+  output = tmp_path / "preds.csv"
+  subprocess.run(
+      [sys.executable, "-m", "covid_flax.predict", f"--workdir={run.workdir}",
+       f"--output={output}", *paths],
+      cwd=REPO_ROOT, check=True, capture_output=True,
+  )  # fmt: skip
+  with open(output) as f:
+    got = {os.path.basename(r["filename"]): r for r in csv.DictReader(f)}
+  threshold = inference.operating_point(run)["threshold"]
+  for name, prob in expected.items():
+    assert float(got[name]["probability"]) == pytest.approx(prob, abs=1e-6)
+    assert got[name]["decision"] == ("covid" if prob >= threshold else "non_covid")
+
+
+def test_missing_workdir_and_checkpoint(tmp_path):
+  with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+    inference.load_run(str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
+    inference.load_run(str(tmp_path / "empty"))
+
+
+def test_bad_checkpoint_choice(trained_workdir):
+  with pytest.raises(
+    checkpointing.CheckpointError, match="use 'best', 'latest' or one of the steps"
+  ):
+    inference.load_run(trained_workdir, "12345")
+
+
+def test_conflicting_config_names_fields(trained_workdir):
+  config = tiny_config("", model="seed_cnn")
+  with pytest.raises(
+    config_lib.ConfigError, match=r"model: checkpoint 'tiny_cnn' vs --config 'seed_cnn'"
+  ):
+    inference.load_run(trained_workdir, "latest", config)
+
+
+def test_checkpoint_from_another_model(trained_workdir, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained_workdir, workdir)
+  step = max(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  config_file = workdir / "checkpoints" / str(step) / "config" / "metadata"
+  saved = json.loads(config_file.read_text())
+  saved["model"] = "resnet18"
+  config_file.write_text(json.dumps(saved))
+  with pytest.raises(checkpointing.CheckpointError, match="does not restore as a 'resnet18' model"):
+    inference.load_run(str(workdir), str(step))
+
+
+@pytest.mark.parametrize(
+  "labels_csv,extra_file,message",
+  [
+    ("relpath,label\nimg00.png,covid\nmissing.png,covid\n", None, "image 'missing.png' not found"),
+    ("relpath,label\nimg00.png,pneumonia\n", None, "unknown label 'pneumonia'"),
+    ("relpath,label\n", None, "lists no images"),
+    ("path,label\nimg00.png,covid\n", None, "needs the header 'relpath,label'"),
+    ("relpath,label\nimg00.png,covid\nbad.png,non_covid\n", b"not an image", "bad.png"),
+  ],
+)
+def test_bad_images_dir(run, images_dir, labels_csv, extra_file, message):
+  with open(os.path.join(images_dir, "labels.csv"), "w") as f:
+    f.write(labels_csv)
+  if extra_file:
+    with open(os.path.join(images_dir, "bad.png"), "wb") as f:
+      f.write(extra_file)
+  before = _eval_entries(run.workdir)
+  with pytest.raises(common.DatasetError, match=message):
+    inference.load_images_dir(images_dir, run.config.image_size)
+  assert _eval_entries(run.workdir) == before
+
+
+def test_cli_reports_errors_cleanly(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "covid_flax.evaluate", f"--workdir={tmp_path / 'nope'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 1 and "error:" in proc.stderr and "does not exist" in proc.stderr
