@@ -1,8 +1,9 @@
-"""COVID-CT (UCSD-AI4H) CT slices with the official split: the study's setup.
+"""COVID-CT (UCSD-AI4H) CT slices with the official patient-wise split: our recipe.
 
 Needs the real data: --config.manual_dir=DIR, with DIR/COVID-CT/ (see
 covid_flax/datasets/covid_ct.py); downloaded from GitHub when absent and online. Use
 --config.dataset=covid_ct/keep_duplicates for the official test split unchanged.
+`configs/ct_study.py` is the study's setup (its Keras CNN at 224x224) for comparison.
 """
 
 from configs import default
@@ -11,8 +12,16 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.dataset = "covid_ct"
-  config.image_size = 224
-  config.model = "seed_cnn"
-  config.batch_size = 32
-  config.num_epochs = 20
+  config.model = "resnet18"
+  config.image_size = 128
+  config.num_epochs = 60
+  config.warmup_epochs = 3.0
+  config.learning_rate = 1e-3
+  config.weight_decay = 0.05
+  config.label_smoothing = 0.1
+  config.dropout_rate = 0.2
+  config.aug_rotate = 10.0
+  config.aug_zoom = 0.15
+  config.aug_hflip = True  # Axial slices: left-right flips keep the anatomy plausible.
+  config.aug_contrast = 0.2
   return config

@@ -14,11 +14,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = "val"
   config.image_size = 128
 
-  # On-device augmentation (train only): random translation as a fraction of the image size,
-  # horizontal flips, brightness/contrast jitter.
+  # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
+  # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is
+  # on the left), brightness/contrast jitter.
   config.augment = True
+  config.aug_rotate = 10.0
+  config.aug_zoom = 0.1
   config.aug_translate = 0.1
-  config.aug_hflip = True
+  config.aug_hflip = False
   config.aug_brightness = 0.1
   config.aug_contrast = 0.1
 
@@ -57,5 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.coordinator_address = ""
   config.num_processes = 0
   config.process_id = -1
+  config.distributed_timeout_s = 120  # Start-up wait, and how soon a lost process is noticed.
 
   return config

@@ -9,6 +9,8 @@ def get_config():
   config.image_size = 64
   config.model = "seed_cnn"
   config.dropout_rate = 0.0
+  config.aug_rotate = 5.0
+  config.aug_zoom = 0.05
   config.aug_translate = 0.05
   config.aug_brightness = 0.05
   config.aug_contrast = 0.05

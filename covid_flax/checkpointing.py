@@ -60,7 +60,8 @@ def save(
   config: ml_collections.ConfigDict,
   metrics: dict[str, float] | None = None,
 ) -> None:
-  """Starts an (asynchronous) save; call `manager.wait_until_finished()` before exiting."""
+  """Starts an (asynchronous) save; call `wait(manager)` before exiting. A failure of this save or
+  of the previous one (disk full, ...) raises CheckpointError; older checkpoints stay intact."""
   try:
     manager.save(
       step,
@@ -71,11 +72,25 @@ def save(
       ),
       metrics=metrics,
     )
-  except OSError as e:
-    raise CheckpointError(
-      f"saving checkpoint step {step} in {checkpoint_dir('.')} failed ({e}); "
-      "older checkpoints are intact"
-    ) from e
+  except Exception as e:  # Orbax wraps I/O errors of the background thread in its own types.
+    raise _save_error(manager, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending saves; their failure raises CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _save_error(manager, e) from e
+
+
+def _save_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+  complete = sorted(manager.all_steps())
+  return CheckpointError(
+    f"saving a checkpoint in {manager.directory} failed ({type(error).__name__}: "
+    f"{str(error)[:300]}). The complete checkpoints {complete} are intact; free disk space "
+    "and run the same command again to resume."
+  )
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -92,16 +107,29 @@ def restore_latest_usable(
   manager: ocp.CheckpointManager, abstract_state: Any
 ) -> tuple[int, Any, dict] | None:
   """(step, state, data-iterator state) of the newest checkpoint that restores, or None if there are
-  none. A corrupt checkpoint is reported and skipped; if every one is corrupt this raises, and
-  nothing is deleted."""
+  none. Unusable newer checkpoints are reported and moved to `corrupt_checkpoints/` beside the
+  checkpoint directory (so the run can save those steps again); if none is usable this raises and
+  moves nothing."""
   steps = sorted(manager.all_steps(), reverse=True)
+  bad = []
   for step in steps:
     try:
       state, data_iter = restore(manager, step, abstract_state)
-      return step, state, data_iter
     except Exception as e:  # Orbax raises many types for damaged files.
-      logging.error("Checkpoint step %d in %s is unusable (%s); trying an older one.", step,
-                    manager.directory, e)  # fmt: skip
+      logging.error("Checkpoint step %d in %s is unusable (%s: %s); trying an older one.", step,
+                    manager.directory, type(e).__name__, str(e)[:300])  # fmt: skip
+      bad.append(step)
+      continue
+    if bad and jax.process_index() == 0:
+      aside = epath.Path(manager.directory).parent / "corrupt_checkpoints"
+      aside.mkdir(parents=True, exist_ok=True)
+      for b in bad:
+        target = aside / f"{b}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(epath.Path(manager.directory) / str(b), target)
+        logging.warning("Moved unusable checkpoint step %d to %s", b, target)
+    if bad:
+      manager.reload()
+    return step, state, data_iter
   if steps:
     raise CheckpointError(
       f"none of the checkpoints {steps} in {manager.directory} could be restored; they were "

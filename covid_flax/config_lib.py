@@ -45,6 +45,8 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "eval_split": (str, _ANY),
   "image_size": (int, _range(32, 1024)),
   "augment": (bool, _ANY),
+  "aug_rotate": ((int, float), _range(0, 180)),
+  "aug_zoom": ((int, float), _range(0, 0.9)),
   "aug_translate": ((int, float), _range(0, 0.5)),
   "aug_hflip": (bool, _ANY),
   "aug_brightness": ((int, float), _FRACTION),
@@ -75,6 +77,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "coordinator_address": (str, _ANY),
   "num_processes": (int, _NON_NEGATIVE),
   "process_id": (int, _range(-1)),
+  "distributed_timeout_s": (int, _range(5)),
 }
 
 

@@ -29,7 +29,10 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if jax.distributed.is_initialized():
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
+  kwargs = dict(
+    initialization_timeout=config.distributed_timeout_s,
+    heartbeat_timeout_seconds=config.distributed_timeout_s,
+  )
   if explicit:
     kwargs = dict(
       coordinator_address=config.coordinator_address,

@@ -5,6 +5,7 @@ averaged explicitly with `jax.lax.pmean` over the `data` axis. `jax.shard_map` r
 of every device of every process, under `jax.jit`, with the state donated.
 """
 
+import errno
 import functools
 import json
 import os
@@ -106,27 +107,34 @@ def normalize(images: jax.Array) -> jax.Array:
 
 
 def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """Per-example random translation (edge padding), flips and brightness/contrast jitter of
-  [0, 1] images (N, H, W, 1), one key per example."""
+  """Per-example random affine transform (rotation, zoom, translation; bilinear, edge pixels
+  repeated), horizontal flip and brightness/contrast jitter of [0, 1] images (N, H, W, 1)."""
   size = images.shape[1]
-  pad = int(round(config.aug_translate * size))
+  center = (size - 1) / 2.0
+  grid_y, grid_x = jnp.mgrid[0:size, 0:size].astype(jnp.float32) - center
+
+  def uniform(key, bound):
+    return jax.random.uniform(key, (), minval=-bound, maxval=bound)
 
   def one(image, key):
-    k_shift, k_flip, k_bright, k_contrast = jax.random.split(key, 4)
-    if pad:
-      padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-      dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * pad + 1)
-      image = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
+    k_rot, k_zoom, k_y, k_x, k_flip, k_bright, k_contrast = jax.random.split(key, 7)
+    angle = jnp.deg2rad(uniform(k_rot, config.aug_rotate))
+    zoom = jnp.exp(uniform(k_zoom, jnp.log1p(config.aug_zoom)))
+    shift_y = uniform(k_y, config.aug_translate * size)
+    shift_x = uniform(k_x, config.aug_translate * size)
+    y, x = grid_y - shift_y, grid_x - shift_x  # Output pixel -> source pixel (inverse map).
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    src_y = (cos * y - sin * x) / zoom + center
+    src_x = (sin * y + cos * x) / zoom + center
     if config.aug_hflip:
-      image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
-    if config.aug_brightness:
-      b = config.aug_brightness
-      image = image + jax.random.uniform(k_bright, (), minval=-b, maxval=b)
-    if config.aug_contrast:
-      c = config.aug_contrast
-      mean = image.mean()
-      image = (image - mean) * jax.random.uniform(k_contrast, (), minval=1 - c, maxval=1 + c) + mean
-    return image
+      src_x = jnp.where(jax.random.bernoulli(k_flip), 2 * center - src_x, src_x)
+    image = jax.scipy.ndimage.map_coordinates(
+      image[..., 0], [src_y, src_x], order=1, mode="nearest"
+    )
+    image = image + uniform(k_bright, config.aug_brightness)
+    mean = image.mean()
+    image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean
+    return image[..., None]
 
   return jax.vmap(one)(images, keys)
 
@@ -309,60 +317,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
              disable=not (is_chief and config.progress_bar))  # fmt: skip
   pending, val_summary = [], None
   t_log, t_start, steps_since_log = time.perf_counter(), time.perf_counter(), 0
-  with _StopRequested() as stop:
-    for step in range(start_step, total_steps):
-      epoch = step // steps_per_epoch + 1
-      batch = parallel.global_batch(mesh, next(data_iter))
-      state, metrics = p_train(state, batch)
-      pending.append(metrics)
-      steps_since_log += 1
-      done = step + 1
-      end_of_epoch = done % steps_per_epoch == 0
-      if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
-        fetched = jax.device_get(pending)  # The only host sync of the train metrics.
-        pending = []
-        bad = [m for m in fetched if not m["finite"]]
-        if bad and config.nan_policy == "stop":
-          raise NonFiniteLossError(
-            f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
-            f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
-            f"{checkpointing.checkpoint_dir(workdir)}"
+  try:
+    with _StopRequested() as stop:
+      for step in range(start_step, total_steps):
+        epoch = step // steps_per_epoch + 1
+        batch = parallel.global_batch(mesh, next(data_iter))
+        state, metrics = p_train(state, batch)
+        pending.append(metrics)
+        steps_since_log += 1
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
+          fetched = jax.device_get(pending)  # The only host sync of the train metrics.
+          pending = []
+          bad = [m for m in fetched if not m["finite"]]
+          if bad and config.nan_policy == "stop":
+            raise NonFiniteLossError(
+              f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
+              f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
+              f"{checkpointing.checkpoint_dir(workdir)}"
+            )
+          summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
+          elapsed = time.perf_counter() - t_log
+          img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+          t_log, steps_since_log = time.perf_counter(), 0
+          writer.write(
+            done, "train", {**summary, "img_per_s": img_s, "skipped": len(bad)}, epoch=epoch
           )
-        summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
-        elapsed = time.perf_counter() - t_log
-        img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-        t_log, steps_since_log = time.perf_counter(), 0
-        writer.write(
-          done, "train", {**summary, "img_per_s": img_s, "skipped": len(bad)}, epoch=epoch
-        )
-        bar.set_description(f"epoch {epoch}/{config.num_epochs}")
-        bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
-      bar.update(1)
-      saved = False
-      if end_of_epoch:
-        probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
-        val_summary = summarize(val_data.labels, probs, losses)
-        writer.write(done, "val", val_summary, epoch=epoch)
-        auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
-        checkpointing.save(manager, done, state, data_iter.get_state(), config,
-                           {checkpointing.VAL_METRIC: auc})  # fmt: skip
-        saved = True
-      elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-        checkpointing.save(manager, done, state, data_iter.get_state(), config)
-        saved = True
-      writer.flush()
-      if stop.signum is not None and done < total_steps:
-        if not saved:
+          bar.set_description(f"epoch {epoch}/{config.num_epochs}")
+          bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
+        bar.update(1)
+        saved = False
+        if end_of_epoch:
+          probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
+          val_summary = summarize(val_data.labels, probs, losses)
+          writer.write(done, "val", val_summary, epoch=epoch)
+          auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
+          checkpointing.save(manager, done, state, data_iter.get_state(), config,
+                             {checkpointing.VAL_METRIC: auc})  # fmt: skip
+          saved = True
+        elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
           checkpointing.save(manager, done, state, data_iter.get_state(), config)
-        manager.wait_until_finished()
-        bar.close()
-        logging.warning("Signal %d: saved step %d. Run the same command again to resume.",
-                        stop.signum, done)  # fmt: skip
-        print(f"Stopped by signal {stop.signum} at step {done}; checkpoint saved in "
-              f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")  # fmt: skip
-        raise SystemExit(128 + stop.signum)
+          saved = True
+        writer.flush()
+        if stop.signum is not None and done < total_steps:
+          if not saved:
+            checkpointing.save(manager, done, state, data_iter.get_state(), config)
+          checkpointing.wait(manager)
+          bar.close()
+          logging.warning("Signal %d: saved step %d. Run the same command again to resume.",
+                          stop.signum, done)  # fmt: skip
+          print(f"Stopped by signal {stop.signum} at step {done}; checkpoint saved in "
+                f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")  # fmt: skip
+          raise SystemExit(128 + stop.signum)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise checkpointing.CheckpointError(
+      f"disk full while writing to {workdir} ({e}); the complete checkpoints "
+      f"{sorted(manager.all_steps())} are intact. Free space and run the same command to resume."
+    ) from e
   bar.close()
-  manager.wait_until_finished()
+  checkpointing.wait(manager)
   writer.close()
   if is_chief:
     _write_train_summary(workdir, config, train_data, time.perf_counter() - t_start, val_summary)

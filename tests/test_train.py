@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO_ROOT, tiny_config
 
-from covid_flax import config_lib, metric_writers, train
+from covid_flax import checkpointing, config_lib, metric_writers, train
 
 
 def _main_cmd(workdir, data_dir, *extra):
@@ -25,10 +25,18 @@ def _main_cmd(workdir, data_dir, *extra):
   ]  # fmt: skip
 
 
-def _final_params(workdir) -> dict:
+def _final_params(workdir, step: int | None = None) -> tuple[int, dict]:
+  """(step (default: the last), its saved train state as host arrays), whatever topology saved it."""
+  import jax
+
   ckpt = Path(workdir) / "checkpoints"
-  step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-  return step, ocp.StandardCheckpointer().restore((ckpt / str(step) / "state").absolute())
+  step = step or max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  path = (ckpt / str(step) / "state").absolute()
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return step, checkpointer.restore(path, target)
 
 
 def _assert_identical(a, b):
@@ -121,3 +129,78 @@ def test_nan_loss_stops_with_step(synthetic_data_dir, tmp_path):
   config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0)
   with pytest.raises(train.NonFiniteLossError, match="non-finite loss"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _garble(step_dir: Path) -> None:
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage" * 3)
+
+
+def test_corrupt_latest_checkpoint_falls_back(synthetic_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(synthetic_data_dir)
+  expected = train.train_and_evaluate(config, str(workdir))
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  _garble(workdir / "checkpoints" / str(steps[-1]))
+  again = train.train_and_evaluate(config, str(workdir))  # Resumes from the epoch-1 checkpoint.
+  _assert_identical(expected.params, again.params)
+  assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == [
+    str(steps[-1])
+  ]
+
+
+def test_all_checkpoints_corrupt_is_an_error_and_keeps_them(synthetic_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(synthetic_data_dir, num_epochs=1)
+  train.train_and_evaluate(config, str(workdir))
+  for step_dir in (workdir / "checkpoints").iterdir():
+    if step_dir.name.isdigit():
+      _garble(step_dir)
+  before = sorted(str(p) for p in workdir.rglob("*"))
+  with pytest.raises(
+    checkpointing.CheckpointError, match="could be restored; they were left untouched"
+  ):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+def test_checkpoints_hold_no_pickle(synthetic_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(synthetic_data_dir, num_epochs=1), str(workdir))
+  for f in (workdir / "checkpoints").rglob("*"):
+    if f.is_file():
+      assert not f.read_bytes()[:2].startswith(b"\x80"), f"{f} looks like a pickle"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MiB tmpfs (needs root, as in CI); skipped where mounting is not allowed."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:  # fmt: skip
+    pytest.skip("cannot mount a small tmpfs here (needs root) to simulate a full disk")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_saving(synthetic_data_dir, small_disk):
+  workdir = small_disk / "run"
+  config = tiny_config(synthetic_data_dir, num_epochs=1)
+  train.train_and_evaluate(config, str(workdir))
+  fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+  try:  # Fill the disk to the last byte.
+    while os.write(fd, b"\0" * 4096):
+      pass
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+  config.num_epochs = 2
+  with pytest.raises(checkpointing.CheckpointError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  assert "No space left" in str(info.value) or "intact" in str(info.value)
+  os.remove(small_disk / "filler")
+  again = train.train_and_evaluate(config, str(workdir))  # Resumes from the intact checkpoint.
+  assert int(again.step) > 0

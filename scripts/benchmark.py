@@ -1,0 +1,178 @@
+"""Throughput benchmark: compile time, train and eval img/s, input pipeline img/s, peak RSS.
+
+  python scripts/benchmark.py --config=configs/cxr.py [--model=seed_cnn] [--image_size=224]
+      [--batch_size=32] [--steps=10] [--windows=5] [--reference=keras] [--input_split=train]
+
+Prints one JSON object per line. Train and eval steps run on in-memory random uint8 images (the
+same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
+on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
+warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
+tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
+process, alternating windows with ours, and prints the ratio. Never trust numbers from fake devices
+(XLA_FLAGS=--xla_force_host_platform_device_count): they share the same cores.
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from covid_flax import input_pipeline, parallel, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/cxr.py", "Config to benchmark.")
+flags.DEFINE_string("model", None, "Override config.model.")
+flags.DEFINE_integer("image_size", None, "Override config.image_size.")
+flags.DEFINE_integer("batch_size", None, "Override config.batch_size (global).")
+flags.DEFINE_integer("steps", 10, "Steps per timing window.")
+flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
+flags.DEFINE_enum("reference", None, ["keras"], "Also time a reference implementation.")
+flags.DEFINE_string("input_split", None, "Also time the input pipeline on this split of the real "
+                    "builder (decode + resize, then batches from the cache).")  # fmt: skip
+
+
+def _emit(config, measure: str, **fields) -> None:
+  record = {
+    "measure": measure,
+    "model": config.model,
+    "image_size": config.image_size,
+    "batch_size": config.batch_size,
+    "half_precision": config.half_precision,
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    **fields,
+  }
+  print(json.dumps(record), flush=True)
+
+
+def _windows(step_fn, n_windows: int, steps: int, batch: int):
+  """Per-window img/s of `step_fn` (which returns something to block on)."""
+  rates = []
+  for _ in range(n_windows):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = step_fn()
+    jax.block_until_ready(out)
+    rates.append(steps * batch / (time.perf_counter() - start))
+  return rates
+
+
+def benchmark_train_eval(config, reference=None) -> None:
+  mesh = parallel.create_mesh()
+  tx = train.create_optimizer(config, 100, 10_000)
+  graphdef, state = train.create_train_state(config, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
+  rng = np.random.default_rng(0)
+  size, batch = config.image_size, config.batch_size
+  host = {
+    "image": rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
+    "label": rng.integers(0, 2, (batch,)).astype(np.int32),
+  }
+  device_batch = parallel.global_batch(mesh, host)
+
+  start = time.perf_counter()
+  compiled = p_train.lower(state, device_batch).compile()
+  _emit(config, "compile", seconds=time.perf_counter() - start, what="train_step")
+
+  holder = {"state": state}
+
+  def ours():
+    holder["state"], metrics = compiled(holder["state"], device_batch)
+    return metrics["loss"]
+
+  keras_step = _keras_step(config) if reference == "keras" else None
+  jax.block_until_ready(ours())  # warm-up
+  if keras_step:
+    keras_step()
+  ours_rates, ref_rates = [], []
+  for _ in range(FLAGS.windows):  # Alternate windows so both see the same machine state.
+    ours_rates += _windows(ours, 1, FLAGS.steps, batch)
+    if keras_step:
+      ref_rates += _windows(keras_step, 1, FLAGS.steps, batch)
+  img_s = statistics.median(ours_rates)
+  _emit(config, "train", img_per_s=img_s, step_ms=1000 * batch / img_s,
+        windows=[round(r, 2) for r in ours_rates])  # fmt: skip
+  if keras_step:
+    ref = statistics.median(ref_rates)
+    _emit(config, "train_reference", reference="keras", img_per_s=ref, step_ms=1000 * batch / ref,
+          windows=[round(r, 2) for r in ref_rates], ratio=img_s / ref)  # fmt: skip
+
+  eval_rates = _windows(lambda: p_eval(holder["state"], device_batch)[0], FLAGS.windows + 1,
+                        FLAGS.steps, batch)[1:]  # fmt: skip
+  _emit(config, "eval", img_per_s=statistics.median(eval_rates))
+
+
+def _keras_step(config):
+  """One Keras train step of the study's CNN (same layers, batch, optimizer), on random data."""
+  import tensorflow as tf  # Optional: pip install -e ".[bench]"
+
+  if config.model != "seed_cnn":
+    raise app.UsageError("--reference=keras is defined for the study's model, --model=seed_cnn")
+  layers = tf.keras.layers
+  size = config.image_size
+  model = tf.keras.Sequential([
+      tf.keras.Input((size, size, 1)),
+      layers.Conv2D(32, 3, activation="relu"), layers.Conv2D(64, 3, activation="relu"),
+      layers.MaxPooling2D(), layers.Dropout(config.dropout_rate),
+      layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
+      layers.Dropout(config.dropout_rate),
+      layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(),
+      layers.Dropout(config.dropout_rate),
+      layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dropout(0.5),
+      layers.Dense(2),
+  ])  # fmt: skip
+  model.compile(
+    optimizer=tf.keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.random((config.batch_size, size, size, 1), dtype=np.float32))
+  y = tf.constant(rng.integers(0, 2, (config.batch_size,)))
+  return lambda: model.train_on_batch(x, y)
+
+
+def benchmark_input(config, split: str) -> None:
+  """Decode + resize once (the cache), then batches from the cache: host rates, no model."""
+  start = time.perf_counter()
+  data = input_pipeline.load_split(config, split)
+  seconds = time.perf_counter() - start
+  _emit(config, "input", stage="decode_resize", split=split, img_per_s=len(data) / seconds,
+        images=len(data))  # fmt: skip
+  batch = min(config.batch_size, len(data))
+  iterator = input_pipeline.train_iterator(input_pipeline.train_dataset(data, batch, 0))
+  next(iterator)
+  n = max(200, 5 * len(data) // batch)
+  start = time.perf_counter()
+  for _ in range(n):
+    next(iterator)
+  _emit(config, "input", stage="batches_from_cache", split=split,
+        img_per_s=n * batch / (time.perf_counter() - start))  # fmt: skip
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  for field in ("model", "image_size", "batch_size"):
+    if getattr(FLAGS, field) is not None:
+      config[field] = getattr(FLAGS, field)
+  _emit(config, "environment", xla_flags=os.environ.get("XLA_FLAGS", ""),
+        jax=jax.__version__, backend=jax.default_backend())  # fmt: skip
+  benchmark_train_eval(config, FLAGS.reference)
+  if FLAGS.input_split:
+    benchmark_input(config, FLAGS.input_split)
+  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  _emit(config, "memory", peak_rss_mib=peak_mib)
+
+
+if __name__ == "__main__":
+  app.run(main)
