@@ -20,6 +20,7 @@ def get_config():
   config.weight_decay = 0.05
   config.label_smoothing = 0.1
   config.dropout_rate = 0.2
+  config.ema_decay = 0.99
   config.aug_rotate = 10.0
   config.aug_zoom = 0.15
   config.aug_hflip = True  # Axial slices: left-right flips keep the anatomy plausible.

@@ -65,6 +65,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "weight_decay": ((int, float), _NON_NEGATIVE),
   "grad_clip_norm": ((int, float), _NON_NEGATIVE),
   "label_smoothing": ((int, float), _range(0, 1)),
+  "ema_decay": ((int, float), _range(0, 0.99999)),
   "seed": (int, _NON_NEGATIVE),
   "log_every_steps": (int, _POSITIVE),
   "checkpoint_every_steps": (int, _NON_NEGATIVE),

@@ -26,6 +26,7 @@ from covid_flax import (
   gradcam,
   inference,
   input_pipeline,
+  metric_writers,
   metrics,
   plots,
   train,
@@ -136,6 +137,7 @@ def evaluate(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  metric_writers.quiet_library_logs()
   try:
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
     if FLAGS.images_dir:

@@ -42,7 +42,7 @@ class Run:
     return max(n, -(-self.config.eval_batch_size // n) * n)
 
   def model(self) -> nnx.Module:
-    return nnx.merge(self.graphdef, jax.device_get(self.state.params),
+    return nnx.merge(self.graphdef, jax.device_get(train.eval_params(self.state, self.config)),
                      jax.device_get(self.state.model_state))  # fmt: skip
 
 

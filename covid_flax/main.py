@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_flax import checkpointing, config_lib, parallel, train
+from covid_flax import checkpointing, config_lib, metric_writers, parallel, train
 from covid_flax.datasets import common
 
 # Errors that are the user's input at fault: one clear line, no traceback.
@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  metric_writers.quiet_library_logs()
   parallel.initialize_distributed(FLAGS.config)
   logging.info("Config:\n%s", FLAGS.config)
   try:

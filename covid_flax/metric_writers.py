@@ -1,11 +1,13 @@
 """Scalars to TensorBoard (tensorboardX) and to `workdir/metrics.jsonl`, from process 0 only."""
 
 import json
+import logging as pylogging
 import os
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 
 
@@ -41,3 +43,14 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Keeps warnings and errors, and info from covid_flax; Orbax logs every save step at info."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  absl_logging.get_absl_logger().addFilter(_DropLibraryInfo())

@@ -35,6 +35,7 @@ _MEAN, _STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
   params: nnx.State
+  ema_params: nnx.State  # Exponential moving average of `params` (equal to them if disabled).
   model_state: nnx.State  # BatchNorm statistics: everything that is not a trained parameter.
   opt_state: optax.OptState
   rng: jax.Array  # Raw uint32 key data; per-step keys are folded in from it.
@@ -92,6 +93,7 @@ def create_train_state(
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
     model_state=model_state,
     opt_state=tx.init(params),
     rng=jax.random.key_data(jax.random.key(config.seed)),
@@ -146,19 +148,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def train_step(
   state: TrainState,
+  images: jax.Array,
   batch: dict[str, jax.Array],
   *,
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   config: ml_collections.ConfigDict,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step, written for one device's share of the global batch."""
+  """One optimisation step, written for one device's share of the global batch. `images` is the
+  device-resident uint8 training set; `batch` holds indices into it and labels."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, dropout_key = jax.random.split(step_key)
-  local_batch = batch["image"].shape[0]
+  local_batch = batch["index"].shape[0]
   # Keys by global example index: augmentation does not depend on the number of devices.
   example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
-  images = batch["image"].astype(jnp.float32) / 255.0
+  images = jnp.take(images, batch["index"], axis=0).astype(jnp.float32) / 255.0
   if config.augment:
     keys = jax.vmap(functools.partial(jax.random.fold_in, aug_key))(example_ids)
     images = augment(images, keys, config)
@@ -178,6 +182,9 @@ def train_step(
   grads = jax.lax.pmean(grads, DATA_AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # EMA with the usual warm-up: early averages are not dominated by the random initialisation.
+  decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   metrics = {
     "loss": loss,
     "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
@@ -185,7 +192,11 @@ def train_step(
   }
   metrics = jax.lax.pmean(metrics, DATA_AXIS)
   new_state = state.replace(
-    step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    step=state.step + 1,
+    params=params,
+    ema_params=ema_params,
+    model_state=model_state,
+    opt_state=opt_state,
   )
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   metrics["finite"] = finite
@@ -193,6 +204,11 @@ def train_step(
     skipped = state.replace(step=state.step + 1)
     new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
   return new_state, metrics
+
+
+def eval_params(state: TrainState, config: ml_collections.ConfigDict) -> nnx.State:
+  """The parameters evaluation uses: the EMA when `config.ema_decay` > 0."""
+  return state.ema_params if config.ema_decay > 0 else state.params
 
 
 def eval_step(
@@ -203,7 +219,7 @@ def eval_step(
   config: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, jax.Array]:
   """P(covid) and the loss for each of this device's examples."""
-  model = nnx.merge(graphdef, state.params, state.model_state)
+  model = nnx.merge(graphdef, eval_params(state, config), state.model_state)
   logits = model(normalize(batch["image"]).astype(compute_dtype(config)), train=False)
   return jax.nn.softmax(logits)[:, 1], cross_entropy(logits, batch["label"])
 
@@ -214,11 +230,12 @@ def make_parallel_steps(
   tx: optax.GradientTransformation,
   config: ml_collections.ConfigDict,
 ) -> tuple[Callable, Callable]:
-  """(train_step, eval_step) jitted over the mesh: state replicated, batches split on `data`."""
+  """(train_step, eval_step) jitted over the mesh: state and image cache replicated, batches split
+  on `data`."""
   p_train = jax.shard_map(
     functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
     mesh=mesh,
-    in_specs=(P(), P(DATA_AXIS)),
+    in_specs=(P(), P(), P(DATA_AXIS)),
     out_specs=(P(), P()),
   )
   p_eval = jax.shard_map(
@@ -297,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   graphdef, state = create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = make_parallel_steps(mesh, graphdef, tx, config)
-
+  train_images = input_pipeline.device_cache(mesh, train_data)
   data_iter = input_pipeline.train_iterator(
     input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
   )
@@ -322,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       for step in range(start_step, total_steps):
         epoch = step // steps_per_epoch + 1
         batch = parallel.global_batch(mesh, next(data_iter))
-        state, metrics = p_train(state, batch)
+        state, metrics = p_train(state, train_images, batch)
         pending.append(metrics)
         steps_since_log += 1
         done = step + 1

@@ -37,7 +37,7 @@ flags.DEFINE_integer("steps", 10, "Steps per timing window.")
 flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
 flags.DEFINE_enum("reference", None, ["keras"], "Also time a reference implementation.")
 flags.DEFINE_string("input_split", None, "Also time the input pipeline on this split of the real "
-                    "builder (decode + resize, then batches from the cache).")  # fmt: skip
+                    "builder (decode + resize, then index batches for the device cache).")  # fmt: skip
 
 
 def _emit(config, measure: str, **fields) -> None:
@@ -74,20 +74,25 @@ def benchmark_train_eval(config, reference=None) -> None:
   p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
   rng = np.random.default_rng(0)
   size, batch = config.image_size, config.batch_size
-  host = {
-    "image": rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
-    "label": rng.integers(0, 2, (batch,)).astype(np.int32),
-  }
+  data = input_pipeline.SplitData(  # 4 batches of random images, device-resident like training.
+    images=rng.integers(0, 256, (4 * batch, size, size, 1), dtype=np.uint8),
+    labels=rng.integers(0, 2, (4 * batch,)).astype(np.int32),
+    patient_ids=np.arange(4 * batch).astype(str),
+    filenames=np.arange(4 * batch).astype(str),
+  )
+  cache = input_pipeline.device_cache(mesh, data)
+  host = {"index": np.arange(batch, dtype=np.int32), "label": data.labels[:batch]}
   device_batch = parallel.global_batch(mesh, host)
+  eval_batch = parallel.global_batch(mesh, {"image": data.images[:batch], "label": host["label"]})
 
   start = time.perf_counter()
-  compiled = p_train.lower(state, device_batch).compile()
+  compiled = p_train.lower(state, cache, device_batch).compile()
   _emit(config, "compile", seconds=time.perf_counter() - start, what="train_step")
 
   holder = {"state": state}
 
   def ours():
-    holder["state"], metrics = compiled(holder["state"], device_batch)
+    holder["state"], metrics = compiled(holder["state"], cache, device_batch)
     return metrics["loss"]
 
   keras_step = _keras_step(config) if reference == "keras" else None
@@ -107,7 +112,7 @@ def benchmark_train_eval(config, reference=None) -> None:
     _emit(config, "train_reference", reference="keras", img_per_s=ref, step_ms=1000 * batch / ref,
           windows=[round(r, 2) for r in ref_rates], ratio=img_s / ref)  # fmt: skip
 
-  eval_rates = _windows(lambda: p_eval(holder["state"], device_batch)[0], FLAGS.windows + 1,
+  eval_rates = _windows(lambda: p_eval(holder["state"], eval_batch)[0], FLAGS.windows + 1,
                         FLAGS.steps, batch)[1:]  # fmt: skip
   _emit(config, "eval", img_per_s=statistics.median(eval_rates))
 
@@ -142,7 +147,8 @@ def _keras_step(config):
 
 
 def benchmark_input(config, split: str) -> None:
-  """Decode + resize once (the cache), then batches from the cache: host rates, no model."""
+  """Decode + resize once (the cache), then index batches from grain (what the host feeds each
+  train step; images stay on the device): host rates, no model."""
   start = time.perf_counter()
   data = input_pipeline.load_split(config, split)
   seconds = time.perf_counter() - start

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 from jax.sharding import Mesh
 
-from covid_flax import parallel, train
+from covid_flax import input_pipeline, parallel, train
 
 
 def _mesh(n: int) -> Mesh:
@@ -14,16 +14,18 @@ def _mesh(n: int) -> Mesh:
   return Mesh(devices, (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _run(config, mesh, batches):
+def _run(config, mesh, data, batches):
   tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
+  cache = input_pipeline.device_cache(mesh, data)
   losses = []
   for batch in batches:
-    state, metrics = p_train(state, parallel.global_batch(mesh, batch))
+    state, metrics = p_train(state, cache, parallel.global_batch(mesh, batch))
     losses.append(float(metrics["loss"]))
-  probs, _ = p_eval(state, parallel.global_batch(mesh, batches[0]))
+  eval_batch = {"image": data.images[:16], "label": data.labels[:16]}
+  probs, _ = p_eval(state, parallel.global_batch(mesh, eval_batch))
   return losses, jax.device_get(state), np.asarray(probs)
 
 
@@ -33,13 +35,18 @@ def test_eight_devices_match_one(model):
   config = tiny_config("", model=model, optimizer="sgd", learning_rate=0.05, augment=True,
                        dropout_rate=0.0, image_size=40)  # fmt: skip
   rng = np.random.default_rng(0)
-  batches = [
-      {"image": rng.integers(0, 256, (16, 40, 40, 1), dtype=np.uint8),
-       "label": rng.integers(0, 2, (16,)).astype(np.int32)}
-      for _ in range(3)
-  ]  # fmt: skip
-  losses1, state1, probs1 = _run(config, _mesh(1), batches)
-  losses8, state8, probs8 = _run(config, _mesh(8), batches)
+  data = input_pipeline.SplitData(
+    images=rng.integers(0, 256, (40, 40, 40, 1), dtype=np.uint8),
+    labels=rng.integers(0, 2, (40,)).astype(np.int32),
+    patient_ids=np.arange(40).astype(str),
+    filenames=np.arange(40).astype(str),
+  )
+  batches = []
+  for _ in range(3):
+    index = rng.choice(40, 16, replace=False).astype(np.int32)
+    batches.append({"index": index, "label": data.labels[index]})
+  losses1, state1, probs1 = _run(config, _mesh(1), data, batches)
+  losses8, state8, probs8 = _run(config, _mesh(8), data, batches)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   assert losses1[0] != losses1[-1]  # The steps did something.
   for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
@@ -50,8 +57,6 @@ def test_eight_devices_match_one(model):
 
 
 def test_eval_batches_pad_and_mask():
-  from covid_flax import input_pipeline
-
   data = input_pipeline.SplitData(
     images=np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 4, 4, 1), np.uint8),
     labels=np.arange(10) % 2,

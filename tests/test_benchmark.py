@@ -1,0 +1,27 @@
+"""The benchmark runs and prints its fields (speed is never asserted in tests)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_benchmark_prints_every_measure(synthetic_data_dir):
+  proc = subprocess.run(
+    [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
+     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
+     "--batch_size=16", "--steps=1", "--windows=2", "--input_split=val"],
+    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+  )  # fmt: skip
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  measures = {r["measure"] for r in records}
+  assert {"environment", "compile", "train", "eval", "input", "memory"} <= measures
+  for r in records:
+    assert {"model", "image_size", "batch_size", "devices"} <= set(r)
+  train = next(r for r in records if r["measure"] == "train")
+  assert train["img_per_s"] > 0 and train["model"] == "tiny_cnn" and train["devices"] == 8
+  assert {r["stage"] for r in records if r["measure"] == "input"} == {
+    "decode_resize",
+    "batches_from_cache",
+  }
