@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from covid_flax import train
+from covid_flax.preprocess import normalize
 
 
 def gradcam(model: nnx.Module, images: np.ndarray, dtype=jnp.float32) -> np.ndarray:
   """(N, H, W, 1) uint8 images -> (N, H, W) heat maps in [0, 1] for the COVID log-odds: the last
   conv features weighted by the spatial mean of their gradient, ReLU, upsampled, max-normalised."""
-  x = train.normalize(jnp.asarray(images)).astype(dtype)
+  x = normalize(jnp.asarray(images)).astype(dtype)
   features = model.features(x, train=False)
 
   def log_odds(f):

@@ -7,6 +7,7 @@ augments and normalises them there (`train.augment`). The host moves a few bytes
 """
 
 import dataclasses
+import functools
 from concurrent import futures
 from typing import Iterator
 
@@ -107,16 +108,28 @@ def device_cache(mesh: jax.sharding.Mesh, data: SplitData) -> jax.Array:
 
 def train_dataset(data: SplitData, global_batch_size: int, seed: int) -> grain.MapDataset:
   """Endless batches of this process's rows of each global batch, as indices into the device cache
-  plus labels: a new permutation every epoch (grain reshuffles each repetition), the same for every
-  process, so processes agree on batches."""
+  plus labels. Epoch e is a permutation seeded by (seed, e), cut into len(data) // batch batches
+  (the remainder is dropped); every process computes the same ones. Element i is step i's batch, so
+  the iterator state is just the step: a resumed run sees exactly the batches it would have seen.
+  One grain element per batch, not per image: grain's per-element cost stays off the step."""
   rows = _process_slice(global_batch_size)
+  per_epoch = len(data) // global_batch_size
+  if per_epoch == 0:
+    raise common.DatasetError(
+      f"{len(data)} training examples cannot fill one global batch of {global_batch_size}"
+    )
 
-  def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
-    idx = indices[rows].astype(np.int32)
+  @functools.lru_cache(maxsize=2)
+  def permutation(epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(len(data))
+
+  def batch(step: int) -> dict[str, np.ndarray]:
+    epoch, k = divmod(int(step), per_epoch)
+    idx = permutation(epoch)[k * global_batch_size : (k + 1) * global_batch_size]
+    idx = idx[rows].astype(np.int32)
     return {"index": idx, "label": data.labels[idx]}
 
-  ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat(None)
-  return ds.batch(global_batch_size, drop_remainder=True).map(gather)
+  return grain.MapDataset.range(2**62).map(batch)
 
 
 def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:

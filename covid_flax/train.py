@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import os
+import resource
 import signal
 import time
 from typing import Any, Callable
@@ -25,11 +26,18 @@ from jax.sharding import PartitionSpec as P
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-from covid_flax import checkpointing, config_lib, input_pipeline, metric_writers, models, parallel
+from covid_flax import (
+  checkpointing,
+  config_lib,
+  input_pipeline,
+  metric_writers,
+  models,
+  parallel,
+)
 from covid_flax.parallel import DATA_AXIS
+from covid_flax.preprocess import augment, normalize
 
 NUM_CLASSES = 2
-_MEAN, _STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -99,46 +107,6 @@ def create_train_state(
     rng=jax.random.key_data(jax.random.key(config.seed)),
   )
   return graphdef, state
-
-
-def normalize(images: jax.Array) -> jax.Array:
-  """uint8 or [0, 1] float images -> zero-centred float32."""
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
-  return (images - _MEAN) / _STD
-
-
-def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """Per-example random affine transform (rotation, zoom, translation; bilinear, edge pixels
-  repeated), horizontal flip and brightness/contrast jitter of [0, 1] images (N, H, W, 1)."""
-  size = images.shape[1]
-  center = (size - 1) / 2.0
-  grid_y, grid_x = jnp.mgrid[0:size, 0:size].astype(jnp.float32) - center
-
-  def uniform(key, bound):
-    return jax.random.uniform(key, (), minval=-bound, maxval=bound)
-
-  def one(image, key):
-    k_rot, k_zoom, k_y, k_x, k_flip, k_bright, k_contrast = jax.random.split(key, 7)
-    angle = jnp.deg2rad(uniform(k_rot, config.aug_rotate))
-    zoom = jnp.exp(uniform(k_zoom, jnp.log1p(config.aug_zoom)))
-    shift_y = uniform(k_y, config.aug_translate * size)
-    shift_x = uniform(k_x, config.aug_translate * size)
-    y, x = grid_y - shift_y, grid_x - shift_x  # Output pixel -> source pixel (inverse map).
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    src_y = (cos * y - sin * x) / zoom + center
-    src_x = (sin * y + cos * x) / zoom + center
-    if config.aug_hflip:
-      src_x = jnp.where(jax.random.bernoulli(k_flip), 2 * center - src_x, src_x)
-    image = jax.scipy.ndimage.map_coordinates(
-      image[..., 0], [src_y, src_x], order=1, mode="nearest"
-    )
-    image = image + uniform(k_bright, config.aug_brightness)
-    mean = image.mean()
-    image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean
-    return image[..., None]
-
-  return jax.vmap(one)(images, keys)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -359,7 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
           t_log, steps_since_log = time.perf_counter(), 0
           writer.write(
-            done, "train", {**summary, "img_per_s": img_s, "skipped": len(bad)}, epoch=epoch
+            done,
+            "train",
+            {**summary, "img_per_s": img_s, "peak_rss_mib": _peak_rss_mib(), "skipped": len(bad)},
+            epoch=epoch,
           )
           bar.set_description(f"epoch {epoch}/{config.num_epochs}")
           bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
@@ -400,6 +371,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if is_chief:
     _write_train_summary(workdir, config, train_data, time.perf_counter() - t_start, val_summary)
   return state
+
+
+def _peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_train_summary(workdir, config, train_data, seconds, val_summary) -> None:

@@ -21,19 +21,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(n: int, flags: list[str], timeout_s: float | None = None) -> int:
-  workdir = next((f.split("=", 1)[1] for f in flags if f.startswith("--workdir=")), None)
-  if workdir is None:
-    sys.exit("error: pass --workdir=DIR")
-  os.makedirs(workdir, exist_ok=True)
+def start(n: int, flags: list[str], log_dir: str | None = None) -> list[subprocess.Popen]:
+  """Starts process 0..n-1 of one run; their output goes to log_dir/process_i.log (or nowhere)."""
   port = free_port()
   procs = []
   for i in range(n):
     cmd = [sys.executable, "-m", "covid_flax.main", *flags,
            f"--config.coordinator_address=127.0.0.1:{port}", f"--config.num_processes={n}",
            f"--config.process_id={i}"]  # fmt: skip
-    log = open(os.path.join(workdir, f"process_{i}.log"), "w")
-    procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    out = open(os.path.join(log_dir, f"process_{i}.log"), "w") if log_dir else subprocess.DEVNULL
+    procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+  return procs
+
+
+def launch(n: int, flags: list[str], timeout_s: float | None = None) -> int:
+  """Runs the n processes to the end; the first non-zero exit status stops the others."""
+  workdir = next((f.split("=", 1)[1] for f in flags if f.startswith("--workdir=")), None)
+  if workdir is None:
+    sys.exit("error: pass --workdir=DIR")
+  os.makedirs(workdir, exist_ok=True)
+  procs = start(n, flags, workdir)
   deadline = None if timeout_s is None else time.time() + timeout_s
   while True:
     codes = [p.poll() for p in procs]

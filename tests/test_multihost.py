@@ -68,14 +68,7 @@ def test_two_processes_match_one_and_resume(env2, synthetic_data_dir, tmp_path):
   # Stop both processes after epoch 1's checkpoint, then run again: same final parameters.
   resumed = tmp_path / "resumed"
   flags = _flags(resumed, synthetic_data_dir, epochs=3)
-  port = launch_local.free_port()
-  procs = [
-      subprocess.Popen([sys.executable, "-m", "covid_flax.main", *flags,
-                        f"--config.coordinator_address=127.0.0.1:{port}",
-                        "--config.num_processes=2", f"--config.process_id={i}"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-      for i in range(2)
-  ]  # fmt: skip
+  procs = launch_local.start(2, flags)
   first = resumed / "checkpoints" / str(step // 2)
   deadline = time.time() + TIMEOUT_S
   while not first.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
@@ -94,14 +87,7 @@ def test_two_processes_match_one_and_resume(env2, synthetic_data_dir, tmp_path):
 def test_lost_process_fails_fast(env2, synthetic_data_dir, tmp_path):
   workdir = tmp_path / "run"
   flags = _flags(workdir, synthetic_data_dir, epochs=200)
-  port = launch_local.free_port()
-  procs = [
-      subprocess.Popen([sys.executable, "-m", "covid_flax.main", *flags,
-                        f"--config.coordinator_address=127.0.0.1:{port}",
-                        "--config.num_processes=2", f"--config.process_id={i}"],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]  # fmt: skip
+  procs = launch_local.start(2, flags)
   ckpt = workdir / "checkpoints"
   deadline = time.time() + TIMEOUT_S
   while not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):

@@ -50,12 +50,13 @@ def _assert_identical(a, b):
 
 def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(synthetic_data_dir), workdir)
+  config = tiny_config(synthetic_data_dir, model="seed_cnn", learning_rate=1e-3, dropout_rate=0.0)
+  train.train_and_evaluate(config, workdir)
   records = metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   train_losses = [r["loss"] for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   assert len(val) == 2 and train_losses[-1] < train_losses[0]
-  assert val[-1]["auc"] > 0.6, val  # Chance is 0.5.
+  assert val[-1]["auc"] > 0.65, val  # Chance is 0.5; this setup reaches about 0.8.
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
   steps = sorted(int(p) for p in os.listdir(f"{workdir}/checkpoints") if p.isdigit())
   assert steps[-1] == val[-1]["step"]
