@@ -108,8 +108,10 @@ def evaluate(
     write_predictions(os.path.join(tmp, "predictions.csv"), data, probs)
     title = f"{run.config.model} on {run.config.dataset} {name}, step {run.step}"
     curve = plots.curve_from_results(data.labels, probs, results)
-    plots.plot_roc({run.config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
-    plots.plot_precision_recall({run.config.model: curve}, os.path.join(tmp, "pr.png"))
+    both_classes = len(np.unique(data.labels)) == 2  # ROC and PR curves need both.
+    if both_classes:
+      plots.plot_roc({run.config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
+      plots.plot_precision_recall({run.config.model: curve}, os.path.join(tmp, "pr.png"))
     val_record = metrics.threshold_records(results)["threshold_val"]
     plots.plot_confusion_matrix(
         val_record["confusion_matrix"], os.path.join(tmp, "confusion_matrix.png"),
@@ -124,6 +126,8 @@ def evaluate(
     report = metrics.markdown_report(results, title=f"Evaluation: {title}")
     with open(os.path.join(tmp, "report.md"), "w") as f:
       f.write(report)
+      if not both_classes:
+        f.write("\nOnly one class is present: no ROC or precision-recall curve.\n")
       f.write(f"\nOperating point: threshold {point['threshold']:.4f}, the highest with "
               f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.\n")  # fmt: skip
     if os.path.exists(out_dir):

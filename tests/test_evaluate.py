@@ -178,3 +178,15 @@ def test_cli_reports_errors_cleanly(tmp_path):
       cwd=REPO_ROOT, capture_output=True, text=True,
   )  # fmt: skip
   assert proc.returncode == 1 and "error:" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_external_set_with_one_class(run, images_dir):
+  """External negatives only (e.g. adult normals for a CXR model): no ROC curve, still a report."""
+  with open(os.path.join(images_dir, "labels.csv"), "w") as f:
+    f.write("relpath,label\n" + "".join(f"img{i:02d}.png,non_covid\n" for i in range(6)))
+  data = inference.load_images_dir(images_dir, run.config.image_size)
+  out = evaluate.evaluate(run, data, "images-negatives", n_resamples=100)
+  assert not os.path.exists(os.path.join(out, "roc.png"))
+  assert "Only one class is present" in open(os.path.join(out, "report.md")).read()
+  results = json.load(open(os.path.join(out, "metrics.json")))
+  assert results["threshold_val"]["metrics"]["roc_auc"]["value"] is None
