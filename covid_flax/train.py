@@ -368,8 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   bar.close()
   checkpointing.wait(manager)
   writer.close()
-  if is_chief:
+  if is_chief and start_step < total_steps:
     _write_train_summary(workdir, config, train_data, time.perf_counter() - t_start, val_summary)
+  elif is_chief:
+    print(f"Training in {workdir} is already complete ({total_steps} steps); nothing to do.")
   return state
 
 
