@@ -138,13 +138,14 @@ def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
   return iter(dataset.to_iter_dataset(read_options))
 
 
-def eval_batches(data: SplitData, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """This process's rows of each global batch, in order, the last one padded; `mask` marks real
-  rows. Every process yields the same number of batches."""
+def eval_batches(
+  data: SplitData, global_batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """(this process's rows of each global batch, the global batch's real-row mask), in order; the
+  last batch is padded. Every process yields the same batches, so the mask needs no communication."""
   rows = _process_slice(global_batch_size)
   n = len(data)
   for start in range(0, n, global_batch_size):
-    idx = np.arange(start, start + global_batch_size)[rows]
-    mask = idx < n
-    idx = np.where(mask, idx, 0)
-    yield {"image": data.images[idx], "label": data.labels[idx], "mask": mask}
+    global_idx = np.arange(start, start + global_batch_size)
+    idx = np.where(global_idx < n, global_idx, 0)[rows]
+    yield {"image": data.images[idx], "label": data.labels[idx]}, global_idx < n

@@ -23,7 +23,6 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from sklearn import metrics as skm
 from tqdm import tqdm
 
 from covid_flax import (
@@ -34,6 +33,7 @@ from covid_flax import (
   models,
   parallel,
 )
+from covid_flax.metrics import compute_metrics
 from covid_flax.parallel import DATA_AXIS
 from covid_flax.preprocess import augment, normalize
 
@@ -218,28 +218,23 @@ def make_parallel_steps(
 def predict_split(
   p_eval: Callable, state: TrainState, data: input_pipeline.SplitData, mesh, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(probabilities, losses) for every example of `data`, in order, on every process."""
-  probs, losses = [], []
-  for batch in input_pipeline.eval_batches(data, batch_size):
-    mask = batch.pop("mask")
-    p, loss = p_eval(state, parallel.global_batch(mesh, batch))
-    global_mask = parallel.to_host(parallel.global_batch(mesh, {"m": mask})["m"])
-    probs.append(parallel.to_host(p)[global_mask])
-    losses.append(parallel.to_host(loss)[global_mask])
-  return np.concatenate(probs), np.concatenate(losses)
+  """(probabilities, losses) for every example of `data`, in order, on every process. Batches are
+  dispatched without waiting; outputs come to the host once, at the end."""
+  outputs, masks = [], []
+  for batch, global_mask in input_pipeline.eval_batches(data, batch_size):
+    outputs.append(p_eval(state, parallel.global_batch(mesh, batch)))
+    masks.append(global_mask)
+  probs = np.concatenate([parallel.to_host(p)[m] for (p, _), m in zip(outputs, masks)])
+  losses = np.concatenate([parallel.to_host(loss)[m] for (_, loss), m in zip(outputs, masks)])
+  return probs, losses
 
 
 def summarize(labels: np.ndarray, probs: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
-  """Loss, accuracy, sensitivity, specificity at threshold 0.5, and ROC-AUC (None if one class)."""
-  preds = (probs >= 0.5).astype(int)
-  two_classes = len(np.unique(labels)) == 2
-  return {
-    "loss": float(losses.mean()),
-    "accuracy": float(skm.accuracy_score(labels, preds)),
-    "sensitivity": float(skm.recall_score(labels, preds, pos_label=1, zero_division=0)),
-    "specificity": float(skm.recall_score(labels, preds, pos_label=0, zero_division=0)),
-    "auc": float(skm.roc_auc_score(labels, probs)) if two_classes else None,
-  }
+  """Loss, and accuracy, sensitivity, specificity, ROC-AUC at threshold 0.5 (None if undefined)."""
+  point = compute_metrics(labels, probs, 0.5)
+  summary = {"loss": float(losses.mean()), "auc": point["roc_auc"]}
+  summary.update({k: point[k] for k in ("accuracy", "sensitivity", "specificity")})
+  return {k: None if np.isnan(v) else v for k, v in summary.items()}
 
 
 class _StopRequested:

@@ -65,6 +65,6 @@ def test_eval_batches_pad_and_mask():
   )
   batches = list(input_pipeline.eval_batches(data, 8))
   assert len(batches) == 2
-  assert batches[1]["mask"].tolist() == [True, True] + [False] * 6
-  seen = np.concatenate([b["image"][b["mask"], 0, 0, 0] for b in batches])
+  assert batches[1][1].tolist() == [True, True] + [False] * 6
+  seen = np.concatenate([b["image"][m, 0, 0, 0] for b, m in batches])
   assert seen.tolist() == list(range(10))
