@@ -5,7 +5,6 @@ step into a temporary directory and renames it when complete, so a run killed mi
 step that looks complete. Nothing here uses pickle: arrays go to OCDBT/Zarr, the rest to JSON.
 """
 
-import json
 import os
 import time
 from typing import Any
@@ -144,10 +143,13 @@ def load_saved_config(workdir: str, step: int | None = None) -> ml_collections.C
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
-  path = epath.Path(manager.directory) / str(step) / "config" / "metadata"
-  if not path.exists():
-    raise CheckpointError(f"checkpoint step {step} has no saved config at {path}")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  except Exception as e:  # Missing or damaged item: Orbax raises several types.
+    raise CheckpointError(
+      f"checkpoint step {step} in {manager.directory} has no readable saved config ({e})"
+    ) from e
+  return ml_collections.ConfigDict(restored.config)
 
 
 def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
