@@ -24,11 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug_hflip = False
   config.aug_brightness = 0.1
   config.aug_contrast = 0.1
+  # Mixup / CutMix of each example with another of the batch: Beta(alpha, alpha) weights; 0 is
+  # off. With both on, each example picks one of the two.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
 
   # Model.
   config.model = "seed_cnn"  # One of covid_flax.models.MODELS.
   config.dropout_rate = 0.25
   config.half_precision = False  # bfloat16 compute, float32 params.
+  # A `covid_flax.pretrain` workdir: start from its encoder (everything but the classifier head).
+  config.init_from = ""
 
   # Optimisation. `batch_size` is global (all devices of all processes).
   config.batch_size = 32
@@ -53,6 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.nan_policy = "stop"  # On a NaN/Inf loss: 'stop' the run, or 'skip' the step.
   config.overwrite = False  # Allow a workdir whose run has another model/image size/dataset.
 
+  # Self-supervised pretraining (`covid_flax.pretrain`, SimCLR): NT-Xent temperature and the
+  # projection head's output size. The pretraining views use the aug_* fields above.
+  config.ssl_temperature = 0.2
+  config.ssl_projection_dim = 128
+
+  # Evaluation: average each prediction with that of the mirrored image (test-time augmentation).
+  config.tta_hflip = False
   # Evaluation: the operating point is the highest threshold with val sensitivity >= this.
   config.target_sensitivity = 0.95
 

@@ -33,18 +33,17 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def create_manager(
-  workdir: str, keep: int = 3, *, read_only: bool = False
+  workdir: str, keep: int = 3, *, read_only: bool = False, track_best: bool = True
 ) -> ocp.CheckpointManager:
-  policies = ocp.checkpoint_managers
+  """Keeps the last `keep` steps, and with `track_best` the best by val AUC too."""
+  policies = [ocp.checkpoint_managers.LatestN(keep)]
+  if track_best:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False))  # fmt: skip
   options = ocp.CheckpointManagerOptions(
-    best_fn=_best_metric,  # Needed again on every reopen for best_step().
+    best_fn=_best_metric if track_best else None,  # Needed again on every reopen for best_step().
     best_mode="max",
-    preservation_policy=policies.AnyPreservationPolicy(
-      [
-        policies.LatestN(keep),
-        policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
-      ]
-    ),
+    preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
     create=not read_only,
     read_only=read_only,
   )

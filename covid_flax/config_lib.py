@@ -12,6 +12,17 @@ NAN_POLICIES = ("stop", "skip")
 INCOMPATIBLE_FIELDS = ("model", "image_size", "dataset", "half_precision")
 
 
+# Fields added after runs were already saved, with the values that reproduce those runs.
+ADDED_FIELDS = {
+  "mixup_alpha": 0.0,
+  "cutmix_alpha": 0.0,
+  "init_from": "",
+  "ssl_temperature": 0.2,
+  "ssl_projection_dim": 128,
+  "tta_hflip": False,
+}
+
+
 class ConfigError(ValueError):
   pass
 
@@ -51,9 +62,12 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "aug_hflip": (bool, _ANY),
   "aug_brightness": ((int, float), _FRACTION),
   "aug_contrast": ((int, float), _FRACTION),
+  "mixup_alpha": ((int, float), _range(0, 10)),
+  "cutmix_alpha": ((int, float), _range(0, 10)),
   "model": (str, _ANY),
   "dropout_rate": ((int, float), _range(0, 1)),
   "half_precision": (bool, _ANY),
+  "init_from": (str, _ANY),
   "batch_size": (int, _POSITIVE),
   "eval_batch_size": (int, _POSITIVE),
   "num_epochs": (int, _POSITIVE),
@@ -73,6 +87,9 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "progress_bar": (bool, _ANY),
   "nan_policy": (str, _in(*NAN_POLICIES)),
   "overwrite": (bool, _ANY),
+  "ssl_temperature": ((int, float), _range(0, 10, lo_open=True)),
+  "ssl_projection_dim": (int, _POSITIVE),
+  "tta_hflip": (bool, _ANY),
   "target_sensitivity": ((int, float), _range(0, 1, lo_open=True)),
   "distributed": (bool, _ANY),
   "coordinator_address": (str, _ANY),
@@ -130,3 +147,13 @@ def incompatible_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[
     for f in INCOMPATIBLE_FIELDS
     if f in saved and saved.get(f) != config[f]
   }
+
+
+def with_added_fields(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved run's config with the fields added since it was saved (ADDED_FIELDS) filled in."""
+  missing = {k: v for k, v in ADDED_FIELDS.items() if k not in saved}
+  if not missing:
+    return saved
+  saved = saved.copy_and_resolve_references()
+  saved.update(missing)
+  return saved

@@ -1,12 +1,14 @@
 """Evaluates a trained checkpoint on a split, or on a folder of external images.
 
   python -m covid_flax.evaluate --workdir=runs/cxr [--config=configs/cxr.py]
-      [--checkpoint=best|latest|STEP] [--split=test] [--images_dir=DIR]
+      [--checkpoint=best|latest|STEP] [--split=test] [--images_dir=DIR] [--ensemble=DIR2,DIR3]
 
 Writes `workdir/eval/<split>-<step>/` (or `images-<dir name>-<step>/`): metrics.json (every metric
 with a 95 % CI, at the operating point chosen on val and at 0.5), predictions.csv, report.md, and
 PNG plots (ROC, precision-recall, confusion matrix, reliability, training curves, Grad-CAM). The
 folder is written under a temporary name and renamed at the end: it is complete or absent.
+`--ensemble` averages the probabilities of more runs (seeds) with this one; its outputs are tagged
+`ensemble<k>-<hash of the members>` instead of the step.
 """
 
 import csv
@@ -41,6 +43,8 @@ flags.DEFINE_string("split", "test", "The dataset split to evaluate.")
 flags.DEFINE_string(
   "images_dir", None, "Evaluate this folder (with labels.csv) instead of a split."
 )
+flags.DEFINE_list("ensemble", [], "More workdirs (same data) to average with --workdir's run; "
+                  "each uses its --checkpoint.")  # fmt: skip
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the CIs.")
 flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP, FP, FN).")
 flags.mark_flags_as_required(["workdir"])
@@ -81,7 +85,7 @@ def write_predictions(path: str, data: input_pipeline.SplitData, probs: np.ndarr
 
 
 def evaluate(
-  run: inference.Run,
+  run: inference.Run | inference.Ensemble,
   data: input_pipeline.SplitData,
   name: str,
   n_resamples: int = 1000,
@@ -96,17 +100,21 @@ def evaluate(
   )  # fmt: skip
   results.update(split=name, step=run.step, dataset=run.config.dataset, model=run.config.model,
                  threshold_chosen_on=point["chosen_on"])  # fmt: skip
-  out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.step}")
+  results.update(run.describe())
+  out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
   if jax.process_index() != 0:
     return out_dir
-  tmp = os.path.join(run.workdir, "eval", f".{name}-{run.step}.tmp")
+  tmp = os.path.join(run.workdir, "eval", f".{name}-{run.tag}.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, allow_nan=False)
     write_predictions(os.path.join(tmp, "predictions.csv"), data, probs)
-    title = f"{run.config.model} on {run.config.dataset} {name}, step {run.step}"
+    which = (
+      f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
+    )
+    title = f"{run.config.model} on {run.config.dataset} {name}, {which}"
     curve = plots.curve_from_results(data.labels, probs, results)
     both_classes = len(np.unique(data.labels)) == 2  # ROC and PR curves need both.
     if both_classes:
@@ -128,6 +136,9 @@ def evaluate(
       f.write(report)
       if not both_classes:
         f.write("\nOnly one class is present: no ROC or precision-recall curve.\n")
+      if isinstance(run, inference.Ensemble):
+        members = ", ".join(f"{r.workdir} (step {r.step})" for r in run.runs)
+        f.write(f"\nEnsemble: the mean probability of {members}.\n")
       f.write(f"\nOperating point: threshold {point['threshold']:.4f}, the highest with "
               f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.\n")  # fmt: skip
     if os.path.exists(out_dir):
@@ -144,6 +155,10 @@ def main(argv):
   metric_writers.quiet_library_logs()
   try:
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+    if FLAGS.ensemble:
+      others = [inference.load_run(w, FLAGS.checkpoint, FLAGS.config, strict=False)
+                for w in FLAGS.ensemble]  # fmt: skip
+      run = inference.Ensemble([run, *others])
     if FLAGS.images_dir:
       data = inference.load_images_dir(FLAGS.images_dir, run.config.image_size)
       name = "images-" + os.path.basename(os.path.normpath(FLAGS.images_dir))

@@ -3,6 +3,7 @@ operating point, and folders of external images. Shared by `evaluate` and `predi
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Callable
@@ -16,8 +17,9 @@ from flax import nnx
 from covid_flax import checkpointing, config_lib, input_pipeline, metrics, parallel, train
 from covid_flax.datasets import common, image_io
 
-# Fields of the run's saved config that a `--config` given to evaluation may differ in.
-_MACHINE_FIELDS = ("data_dir", "manual_dir", "eval_batch_size", "progress_bar")
+# Fields of the run's saved config that a `--config` given to evaluation may change: where the data
+# lives, and evaluation-only options.
+EVAL_FIELDS = ("data_dir", "manual_dir", "eval_batch_size", "progress_bar", "tta_hflip")
 
 
 @dataclasses.dataclass
@@ -45,6 +47,59 @@ class Run:
     return nnx.merge(self.graphdef, jax.device_get(train.eval_params(self.state, self.config)),
                      jax.device_get(self.state.model_state))  # fmt: skip
 
+  @property
+  def tag(self) -> str:
+    """Names this checkpoint's outputs in workdir/eval (and whether they use test-time flips)."""
+    return f"{self.step}-tta" if self.config.tta_hflip else str(self.step)
+
+  def describe(self) -> dict:
+    return {"workdir": self.workdir, "step": self.step, "tta_hflip": self.config.tta_hflip}
+
+
+@dataclasses.dataclass
+class Ensemble:
+  """Several runs on the same data (e.g. seeds) as one model: the mean of their probabilities.
+  Its outputs go to the first run's workdir/eval, tagged with the members; Grad-CAM shows the
+  first member."""
+
+  runs: list[Run]
+
+  def __post_init__(self):
+    first = self.runs[0].config
+    for run in self.runs[1:]:
+      for field in ("dataset", "image_size", "eval_split", "target_sensitivity"):
+        if run.config[field] != first[field]:
+          raise config_lib.ConfigError(
+            f"ensemble members differ in config.{field}: {self.runs[0].workdir} has "
+            f"{first[field]!r}, {run.workdir} has {run.config[field]!r}"
+          )
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.runs[0].config
+
+  @property
+  def workdir(self) -> str:
+    return self.runs[0].workdir
+
+  @property
+  def step(self) -> int:
+    return self.runs[0].step
+
+  @property
+  def tag(self) -> str:
+    members = ",".join(f"{os.path.abspath(r.workdir)}@{r.tag}" for r in self.runs)
+    return f"ensemble{len(self.runs)}-{hashlib.sha256(members.encode()).hexdigest()[:8]}"
+
+  def describe(self) -> dict:
+    return {"ensemble": [r.describe() for r in self.runs]}
+
+  def predict(self, data: input_pipeline.SplitData) -> np.ndarray:
+    return np.mean([run.predict(data) for run in self.runs], axis=0)
+
+  def model(self) -> nnx.Module:
+    return self.runs[0].model()
+
 
 def _select_step(manager, workdir: str, checkpoint: str) -> int:
   steps = manager.all_steps()
@@ -65,20 +120,25 @@ def _select_step(manager, workdir: str, checkpoint: str) -> int:
 
 
 def load_run(
-  workdir: str, checkpoint: str = "best", config: ml_collections.ConfigDict | None = None
+  workdir: str,
+  checkpoint: str = "best",
+  config: ml_collections.ConfigDict | None = None,
+  *,
+  strict: bool = True,
 ) -> Run:
   """Restores `checkpoint` ('best', 'latest' or a step) of `workdir` with its saved config. A
-  `config` given here may only change machine-specific fields (data paths, eval batch size)."""
+  `config` given here may only change EVAL_FIELDS (data paths, eval batch size, test-time flips);
+  with `strict=False` its other fields are ignored instead of checked (ensemble members)."""
   if not os.path.isdir(workdir):
     raise checkpointing.CheckpointError(f"workdir {workdir} does not exist")
   manager = checkpointing.create_manager(workdir, read_only=True)
   step = _select_step(manager, workdir, checkpoint)
-  saved = checkpointing.load_saved_config(workdir, step)
-  if config is not None:
+  saved = config_lib.with_added_fields(checkpointing.load_saved_config(workdir, step))
+  if config is not None and strict:
     differ = {
       k: (saved.get(k), config.get(k))
       for k in sorted(set(saved.keys()) | set(config.keys()))
-      if k not in _MACHINE_FIELDS and saved.get(k) != config.get(k)
+      if k not in EVAL_FIELDS and saved.get(k) != config.get(k)
     }
     if differ:
       listing = "; ".join(
@@ -88,8 +148,9 @@ def load_run(
         f"--config conflicts with the config saved in {workdir} at step {step}: {listing}. "
         "Leave --config out to use the saved one."
       )
+  if config is not None:
     saved = saved.copy_and_resolve_references()
-    for k in _MACHINE_FIELDS:
+    for k in EVAL_FIELDS:
       saved[k] = config[k]
   mesh = parallel.create_mesh()
   graphdef, abstract = train.abstract_train_state(saved, mesh)
@@ -104,14 +165,14 @@ def load_run(
   return Run(workdir, saved, step, graphdef, state, mesh, p_eval)
 
 
-def operating_point_path(workdir: str, step: int) -> epath.Path:
-  return epath.Path(workdir) / "eval" / f"operating_point-{step}.json"
+def operating_point_path(workdir: str, tag: str) -> epath.Path:
+  return epath.Path(workdir) / "eval" / f"operating_point-{tag}.json"
 
 
-def operating_point(run: Run) -> dict:
+def operating_point(run: Run | Ensemble) -> dict:
   """The decision threshold of this checkpoint, chosen on the validation split (the highest
   threshold with val sensitivity >= config.target_sensitivity); computed once and stored."""
-  path = operating_point_path(run.workdir, run.step)
+  path = operating_point_path(run.workdir, run.tag)
   if path.exists():
     return json.loads(path.read_text())
   val = input_pipeline.load_split(run.config, run.config.eval_split)
@@ -121,7 +182,7 @@ def operating_point(run: Run) -> dict:
     "threshold": float(threshold),
     "target_sensitivity": run.config.target_sensitivity,
     "chosen_on": f"{run.config.dataset}:{run.config.eval_split}",
-    "step": run.step,
+    **run.describe(),
     "val_at_threshold": metrics.compute_metrics(val.labels, probs, threshold),
   }
   if jax.process_index() == 0:

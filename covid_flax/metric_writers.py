@@ -3,6 +3,7 @@
 import json
 import logging as pylogging
 import os
+import resource
 from typing import Any
 
 import jax
@@ -54,3 +55,35 @@ class _DropLibraryInfo(pylogging.Filter):
 
 def quiet_library_logs() -> None:
   absl_logging.get_absl_logger().addFilter(_DropLibraryInfo())
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_train_summary(
+  workdir: str, config, num_train_examples: int, seconds: float, val_summary: dict | None
+) -> None:
+  """workdir/train_summary.json (training time summed over resumptions, the final val metrics)."""
+  path = os.path.join(workdir, "train_summary.json")
+  previous = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  summary = {
+    "dataset": config.dataset,
+    "model": config.model,
+    "num_train_examples": num_train_examples,
+    "train_time_s": previous.get("train_time_s", 0.0) + seconds,
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    "final_val": val_summary,
+  }
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  if val_summary:
+    auc = val_summary["auc"]
+    print(f"Final {config.eval_split}: accuracy {val_summary['accuracy']:.4f}, sensitivity "
+          f"{val_summary['sensitivity']:.4f}, specificity {val_summary['specificity']:.4f}, "
+          f"AUC {'n/a' if auc is None else f'{auc:.4f}'}")  # fmt: skip

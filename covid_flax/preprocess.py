@@ -1,8 +1,12 @@
 """On-device preprocessing: normalisation, and the train-time augmentation of uint8 images."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from covid_flax.parallel import DATA_AXIS
 
 _MEAN, _STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
 
@@ -45,3 +49,75 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     return image[..., None]
 
   return jax.vmap(one)(images, keys)
+
+
+def mix(
+  images: jax.Array,
+  partners: jax.Array,
+  keys: jax.Array,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+) -> tuple[jax.Array, jax.Array]:
+  """Mixup (a weighted average) or CutMix (a pasted box) of each image with its partner; with both
+  alphas > 0 each example picks one at random. Returns the mixed images and, per example, the
+  weight `lam` of the image's own label (for CutMix: the share of its pixels left visible)."""
+  size = images.shape[1]
+  yy, xx = jnp.mgrid[0:size, 0:size].astype(jnp.float32)
+
+  def one(image, partner, key):
+    k_choice, k_lam, k_y, k_x = jax.random.split(key, 4)
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+      use_cutmix = jax.random.bernoulli(k_choice)
+    else:
+      use_cutmix = jnp.asarray(cutmix_alpha > 0)
+    alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    half = jnp.sqrt(1.0 - lam) * size / 2.0
+    cy = jax.random.uniform(k_y, (), maxval=size)
+    cx = jax.random.uniform(k_x, (), maxval=size)
+    box = (jnp.abs(yy + 0.5 - cy) < half) & (jnp.abs(xx + 0.5 - cx) < half)
+    cut = jnp.where(box[..., None], partner, image)
+    blend = lam * image + (1.0 - lam) * partner
+    mixed = jnp.where(use_cutmix, cut, blend)
+    return mixed, jnp.where(use_cutmix, 1.0 - box.mean(), lam)
+
+  return jax.vmap(one)(images, partners, keys)
+
+
+def augmented_batch(
+  cache: jax.Array,
+  index: jax.Array,
+  example_ids: jax.Array,
+  aug_key: jax.Array,
+  config: ml_collections.ConfigDict,
+) -> jax.Array:
+  """[0, 1] float images cache[index], augmented with a key per global example id."""
+  images = jnp.take(cache, index, axis=0).astype(jnp.float32) / 255.0
+  if not config.augment:
+    return images
+  keys = jax.vmap(functools.partial(jax.random.fold_in, aug_key))(example_ids)
+  return augment(images, keys, config)
+
+
+def mixed_batch(
+  cache: jax.Array,
+  batch: dict[str, jax.Array],
+  example_ids: jax.Array,
+  aug_key: jax.Array,
+  mix_key: jax.Array,
+  config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+  """Mixup/CutMix: each example is mixed with the next one of the *global* batch (all-gathered
+  indices; its image is taken from the replicated cache and augmented with its own key), so the
+  result does not depend on the number of devices. Returns images and target distributions."""
+  global_index = jax.lax.all_gather(batch["index"], DATA_AXIS, tiled=True)
+  global_label = jax.lax.all_gather(batch["label"], DATA_AXIS, tiled=True)
+  partner_ids = (example_ids + 1) % global_index.shape[0]
+  images = augmented_batch(cache, batch["index"], example_ids, aug_key, config)
+  partners = augmented_batch(cache, global_index[partner_ids], partner_ids, aug_key, config)
+  mix_keys = jax.vmap(functools.partial(jax.random.fold_in, mix_key))(example_ids)
+  images, lam = mix(images, partners, mix_keys, config.mixup_alpha, config.cutmix_alpha)
+  num_classes = 2
+  own = jax.nn.one_hot(batch["label"], num_classes)
+  other = jax.nn.one_hot(global_label[partner_ids], num_classes)
+  return images, lam[:, None] * own + (1.0 - lam[:, None]) * other

@@ -7,10 +7,6 @@ of every device of every process, under `jax.jit`, with the state donated.
 
 import errno
 import functools
-import json
-import os
-import resource
-import signal
 import time
 from typing import Any, Callable
 
@@ -29,13 +25,14 @@ from covid_flax import (
   checkpointing,
   config_lib,
   input_pipeline,
+  interrupts,
   metric_writers,
   models,
   parallel,
 )
 from covid_flax.metrics import compute_metrics
 from covid_flax.parallel import DATA_AXIS
-from covid_flax.preprocess import augment, normalize
+from covid_flax.preprocess import augmented_batch, mixed_batch, normalize
 
 NUM_CLASSES = 2
 
@@ -109,9 +106,21 @@ def create_train_state(
   return graphdef, state
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, NUM_CLASSES), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
+def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+  """`state` with its encoder taken from the `covid_flax.pretrain` run in `config.init_from`."""
+  from covid_flax import ssl  # ssl builds on this module.
+
+  params, model_state = ssl.load_encoder(config.init_from, config, state.params, state.model_state)
+  logging.info("Encoder initialised from the pretraining run in %s", config.init_from)
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+                       model_state=model_state)  # fmt: skip
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Softmax cross-entropy against integer labels (N,) or target distributions (N, classes)."""
+  if targets.ndim == 1:
+    targets = jax.nn.one_hot(targets, NUM_CLASSES)
+  return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
 def train_step(
@@ -126,23 +135,27 @@ def train_step(
   """One optimisation step, written for one device's share of the global batch. `images` is the
   device-resident uint8 training set; `batch` holds indices into it and labels."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  aug_key, dropout_key = jax.random.split(step_key)
+  aug_key, dropout_key, mix_key = jax.random.split(step_key, 3)
   local_batch = batch["index"].shape[0]
   # Keys by global example index: augmentation does not depend on the number of devices.
   example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
-  images = jnp.take(images, batch["index"], axis=0).astype(jnp.float32) / 255.0
-  if config.augment:
-    keys = jax.vmap(functools.partial(jax.random.fold_in, aug_key))(example_ids)
-    images = augment(images, keys, config)
+  if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+    images, targets = mixed_batch(images, batch, example_ids, aug_key, mix_key, config)
+  else:
+    images = augmented_batch(images, batch["index"], example_ids, aug_key, config)
+    targets = batch["label"]
   images = normalize(images).astype(compute_dtype(config))
   dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
 
   # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
-  model = nnx.merge(graphdef, state.params, state.model_state)
+  # Parameters enter as per-device (varying) values, so each device differentiates its own loss and
+  # the explicit pmean below averages; left replicated, shard_map's autodiff would sum them.
+  params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
+  model = nnx.merge(graphdef, params, state.model_state)
 
   def loss_fn(model):
     logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
-    return cross_entropy(logits, batch["label"], config.label_smoothing).mean(), logits
+    return cross_entropy(logits, targets, config.label_smoothing).mean(), logits
 
   grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
   (loss, logits), grads = grad_fn(model)
@@ -188,8 +201,12 @@ def eval_step(
 ) -> tuple[jax.Array, jax.Array]:
   """P(covid) and the loss for each of this device's examples."""
   model = nnx.merge(graphdef, eval_params(state, config), state.model_state)
-  logits = model(normalize(batch["image"]).astype(compute_dtype(config)), train=False)
-  return jax.nn.softmax(logits)[:, 1], cross_entropy(logits, batch["label"])
+  images = normalize(batch["image"]).astype(compute_dtype(config))
+  probs = jax.nn.softmax(model(images, train=False))
+  if config.tta_hflip:  # Test-time augmentation: average with the mirror image.
+    probs = (probs + jax.nn.softmax(model(images[:, :, ::-1], train=False))) / 2.0
+  p_label = jnp.take_along_axis(probs, batch["label"][:, None], axis=1)[:, 0]
+  return probs[:, 1], -jnp.log(jnp.maximum(p_label, 1e-12))
 
 
 def make_parallel_steps(
@@ -237,27 +254,6 @@ def summarize(labels: np.ndarray, probs: np.ndarray, losses: np.ndarray) -> dict
   return {k: None if np.isnan(v) else v for k, v in summary.items()}
 
 
-class _StopRequested:
-  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (main thread only)."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest usable checkpoint; returns the state."""
   config_lib.validate(config)
@@ -275,13 +271,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   total_steps = steps_per_epoch * config.num_epochs
   tx = create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_train_state(config, tx)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  if config.init_from and not manager.all_steps():
+    state = init_from_pretrained(state, config)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = make_parallel_steps(mesh, graphdef, tx, config)
   train_images = input_pipeline.device_cache(mesh, train_data)
   data_iter = input_pipeline.train_iterator(
     input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
   )
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   restored = checkpointing.restore_latest_usable(manager, _abstract(state))
   if restored:
     step, state, iter_state = restored
@@ -298,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending, val_summary = [], None
   t_log, t_start, steps_since_log = time.perf_counter(), time.perf_counter(), 0
   try:
-    with _StopRequested() as stop:
+    with interrupts.StopRequested() as stop:
       for step in range(start_step, total_steps):
         epoch = step // steps_per_epoch + 1
         batch = parallel.global_batch(mesh, next(data_iter))
@@ -324,7 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write(
             done,
             "train",
-            {**summary, "img_per_s": img_s, "peak_rss_mib": _peak_rss_mib(), "skipped": len(bad)},
+            {
+              **summary,
+              "img_per_s": img_s,
+              "peak_rss_mib": metric_writers.peak_rss_mib(),
+              "skipped": len(bad),
+            },
             epoch=epoch,
           )
           bar.set_description(f"epoch {epoch}/{config.num_epochs}")
@@ -364,38 +367,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpointing.wait(manager)
   writer.close()
   if is_chief and start_step < total_steps:
-    _write_train_summary(workdir, config, train_data, time.perf_counter() - t_start, val_summary)
+    metric_writers.write_train_summary(
+      workdir, config, len(train_data), time.perf_counter() - t_start, val_summary
+    )
   elif is_chief:
     print(f"Training in {workdir} is already complete ({total_steps} steps); nothing to do.")
   return state
-
-
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _write_train_summary(workdir, config, train_data, seconds, val_summary) -> None:
-  path = os.path.join(workdir, "train_summary.json")
-  previous = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-  summary = {
-    "dataset": config.dataset,
-    "model": config.model,
-    "num_train_examples": len(train_data),
-    "train_time_s": previous.get("train_time_s", 0.0) + seconds,
-    "devices": jax.device_count(),
-    "device_kind": jax.devices()[0].device_kind,
-    "final_val": val_summary,
-  }
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
-  if val_summary:
-    auc = val_summary["auc"]
-    print(f"Final {config.eval_split}: accuracy {val_summary['accuracy']:.4f}, sensitivity "
-          f"{val_summary['sensitivity']:.4f}, specificity {val_summary['specificity']:.4f}, "
-          f"AUC {'n/a' if auc is None else f'{auc:.4f}'}")  # fmt: skip
 
 
 def _abstract(tree: Any) -> Any:

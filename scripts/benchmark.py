@@ -2,19 +2,22 @@
 
   python scripts/benchmark.py --config=configs/cxr.py [--model=seed_cnn] [--image_size=224]
       [--batch_size=32] [--steps=10] [--windows=5] [--reference=keras] [--input_split=train]
+  python scripts/benchmark.py --config=configs/synthetic.py --epoch_scaling=1,2,4 [--epochs=2]
 
 Prints one JSON object per line. Train and eval steps run on in-memory random uint8 images (the
 same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
 on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
 warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
 tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
-process, alternating windows with ours, and prints the ratio. Never trust numbers from fake devices
+process, alternating windows with ours, and prints the ratio. `--epoch_scaling=1,2,4` instead times
+whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4 times.
+Never trust numbers from fake devices
 (XLA_FLAGS=--xla_force_host_platform_device_count): they share the same cores.
 """
 
+import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -26,7 +29,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from covid_flax import input_pipeline, parallel, train  # noqa: E402
+from covid_flax import input_pipeline, metric_writers, parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/cxr.py", "Config to benchmark.")
@@ -36,6 +39,9 @@ flags.DEFINE_integer("batch_size", None, "Override config.batch_size (global).")
 flags.DEFINE_integer("steps", 10, "Steps per timing window.")
 flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
 flags.DEFINE_enum("reference", None, ["keras"], "Also time a reference implementation.")
+flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the training split "
+                  "repeated k times, for each k of this list (e.g. 1,2,4).")  # fmt: skip
+flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
 flags.DEFINE_string("input_split", None, "Also time the input pipeline on this split of the real "
                     "builder (decode + resize, then index batches for the device cache).")  # fmt: skip
 
@@ -165,6 +171,37 @@ def benchmark_input(config, split: str) -> None:
         img_per_s=n * batch / (time.perf_counter() - start))  # fmt: skip
 
 
+def benchmark_epochs(config, multipliers: list[int], epochs: int) -> None:
+  """Wall time per training epoch (grain batches -> jitted step, as in `train`) on the training
+  split repeated k times, for each k: it should grow linearly with k."""
+  base = input_pipeline.load_split(config, config.train_split)
+  mesh = parallel.create_mesh()
+  tx = train.create_optimizer(config, 100, 10_000)
+  graphdef, _ = train.create_train_state(config, tx)
+  p_train, _ = train.make_parallel_steps(mesh, graphdef, tx, config)
+  for k in multipliers:
+    data = input_pipeline.SplitData(*(np.concatenate([a] * k) for a in dataclasses.astuple(base)))
+    cache = input_pipeline.device_cache(mesh, data)
+    # A fresh state each time: the step donates (deletes) the one it is given.
+    run_state = jax.device_put(train.create_train_state(config, tx)[1], parallel.replicated(mesh))
+    iterator = input_pipeline.train_iterator(
+      input_pipeline.train_dataset(data, config.batch_size, config.seed)
+    )
+    steps = len(data) // config.batch_size
+    seconds = []
+    for _ in range(epochs + 1):  # The first epoch includes compilation: not reported.
+      start = time.perf_counter()
+      for _ in range(steps):
+        run_state, metrics = p_train(run_state, cache, parallel.global_batch(mesh, next(iterator)))
+      jax.block_until_ready(metrics)
+      seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds[1:])
+    _emit(config, "epoch", size_multiplier=k, train_examples=len(data), steps=steps,
+          epoch_s=median, img_per_s=steps * config.batch_size / median,
+          epochs_s=[round(x, 2) for x in seconds[1:]],
+          peak_rss_mib=metric_writers.peak_rss_mib())  # fmt: skip
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -173,10 +210,13 @@ def main(argv):
       config[field] = getattr(FLAGS, field)
   _emit(config, "environment", xla_flags=os.environ.get("XLA_FLAGS", ""),
         jax=jax.__version__, backend=jax.default_backend())  # fmt: skip
+  if FLAGS.epoch_scaling:
+    benchmark_epochs(config, [int(k) for k in FLAGS.epoch_scaling], FLAGS.epochs)
+    return
   benchmark_train_eval(config, FLAGS.reference)
   if FLAGS.input_split:
     benchmark_input(config, FLAGS.input_split)
-  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  peak_mib = metric_writers.peak_rss_mib()
   _emit(config, "memory", peak_rss_mib=peak_mib)
 
 

@@ -1,14 +1,19 @@
 """Configs the code can't honour fail at start with a message naming the field."""
 
+import importlib
+import pathlib
+
 import pytest
 
-from configs import ct, cxr, default, synthetic
+from configs import synthetic
 from covid_flax import config_lib
 
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 
-@pytest.mark.parametrize("module", [default, synthetic, cxr, ct])
-def test_shipped_configs_are_valid(module):
-  config_lib.validate(module.get_config())
+
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "__init__"])
+def test_shipped_configs_are_valid(name):
+  config_lib.validate(importlib.import_module(f"configs.{name}").get_config())
 
 
 @pytest.mark.parametrize(
@@ -55,3 +60,12 @@ def test_batch_larger_than_dataset(synthetic_data_dir, tmp_path):
   config = tiny_config(synthetic_data_dir, batch_size=8000)
   with pytest.raises(config_lib.ConfigError, match="config.batch_size=8000 is larger than"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_runs_saved_before_a_field_existed_get_its_neutral_value():
+  config = synthetic.get_config()
+  for field in config_lib.ADDED_FIELDS:
+    del config[field]
+  filled = config_lib.with_added_fields(config)
+  config_lib.validate(filled)
+  assert filled.tta_hflip is False and filled.mixup_alpha == 0.0 and filled.init_from == ""

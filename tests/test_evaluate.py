@@ -1,6 +1,7 @@
 """Evaluation end to end on a checkpoint trained on the synthetic dataset, `predict`, bad input."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -190,3 +191,54 @@ def test_external_set_with_one_class(run, images_dir):
   assert "Only one class is present" in open(os.path.join(out, "report.md")).read()
   results = json.load(open(os.path.join(out, "metrics.json")))
   assert results["threshold_val"]["metrics"]["roc_auc"]["value"] is None
+
+
+@pytest.fixture(scope="module")
+def second_run(synthetic_data_dir, tmp_path_factory) -> inference.Run:
+  workdir = str(tmp_path_factory.mktemp("run_seed1"))
+  train.train_and_evaluate(tiny_config(synthetic_data_dir, seed=1), workdir)
+  return inference.load_run(workdir, "best")
+
+
+def test_ensemble_averages_its_members(run, second_run):
+  ensemble = inference.Ensemble([run, second_run])
+  val = input_pipeline.load_split(run.config, "val")
+  single, other = run.predict(val), second_run.predict(val)
+  assert np.abs(single - other).max() > 1e-3  # Two different models.
+  np.testing.assert_allclose(ensemble.predict(val), (single + other) / 2, rtol=1e-6)
+  point = inference.operating_point(ensemble)
+  expected = metrics.choose_threshold(val.labels, (single + other) / 2, 0.95)
+  assert point["threshold"] == pytest.approx(expected)
+  assert [m["workdir"] for m in point["ensemble"]] == [run.workdir, second_run.workdir]
+
+
+def test_ensemble_from_the_command_line(run, second_run):
+  result = subprocess.run(
+      [sys.executable, "-m", "covid_flax.evaluate", f"--workdir={run.workdir}",
+       f"--ensemble={second_run.workdir}", "--n_resamples=50", "--gradcam_per_group=1"],
+      cwd=REPO_ROOT, capture_output=True, text=True,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = [e for e in _eval_entries(run.workdir) if e.startswith("test-ensemble2-")]
+  assert len(out) == 1
+  results = json.load(open(os.path.join(run.workdir, "eval", out[0], "metrics.json")))
+  assert [m["step"] for m in results["ensemble"]] == [run.step, second_run.step]
+  assert "Ensemble: the mean probability of" in result.stdout
+
+
+def test_ensemble_members_must_share_the_data(run):
+  config = run.config.copy_and_resolve_references()
+  config.image_size = 32
+  with pytest.raises(config_lib.ConfigError, match="ensemble members differ in config.image_size"):
+    inference.Ensemble([run, dataclasses.replace(run, config=config)])
+
+
+def test_test_time_flips_are_an_evaluation_option(run, trained_workdir, synthetic_data_dir):
+  config = tiny_config(synthetic_data_dir, tta_hflip=True)
+  flipped = inference.load_run(trained_workdir, "best", config)
+  assert flipped.tag == f"{run.step}-tta" and run.tag == str(run.step)
+  val = input_pipeline.load_split(run.config, "val")
+  mirrored = dataclasses.replace(val, images=val.images[:, :, ::-1].copy())
+  np.testing.assert_allclose(
+    flipped.predict(val), (run.predict(val) + run.predict(mirrored)) / 2, rtol=1e-5, atol=1e-6
+  )

@@ -29,11 +29,15 @@ def _run(config, mesh, data, batches):
   return losses, jax.device_get(state), np.asarray(probs)
 
 
-@pytest.mark.parametrize("model", ["tiny_cnn", "seed_cnn"])
-def test_eight_devices_match_one(model):
+@pytest.mark.parametrize(
+  "model,recipe",
+  [("tiny_cnn", {}), ("seed_cnn", {}), ("tiny_cnn", dict(mixup_alpha=0.4, cutmix_alpha=1.0))],
+)
+def test_eight_devices_match_one(model, recipe):
   assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
-  config = tiny_config("", model=model, optimizer="sgd", learning_rate=0.05, augment=True,
-                       dropout_rate=0.0, image_size=40)  # fmt: skip
+  # No gradient clipping: it would hide a gradient off by a factor of the device count.
+  config = tiny_config("", model=model, optimizer="sgd", learning_rate=0.01, augment=True,
+                       dropout_rate=0.0, image_size=40, grad_clip_norm=0.0, **recipe)  # fmt: skip
   rng = np.random.default_rng(0)
   data = input_pipeline.SplitData(
     images=rng.integers(0, 256, (40, 40, 40, 1), dtype=np.uint8),
@@ -68,3 +72,28 @@ def test_eval_batches_pad_and_mask():
   assert batches[1][1].tolist() == [True, True] + [False] * 6
   seen = np.concatenate([b["image"][m, 0, 0, 0] for b, m in batches])
   assert seen.tolist() == list(range(10))
+
+
+def test_tta_hflip_averages_with_the_mirror_image():
+  config = tiny_config("", image_size=32)
+  mesh = _mesh(8)
+  tx = train.create_optimizer(config, 10, 100)
+  graphdef, state = train.create_train_state(config, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8)
+  labels = rng.integers(0, 2, 16).astype(np.int32)
+
+  def probs(cfg, x):
+    _, p_eval = train.make_parallel_steps(mesh, graphdef, tx, cfg)
+    p, loss = p_eval(state, parallel.global_batch(mesh, {"image": x, "label": labels}))
+    return np.asarray(p), np.asarray(loss)
+
+  plain, _ = probs(config, images)
+  mirrored, _ = probs(config, images[:, :, ::-1].copy())
+  tta_config = tiny_config("", image_size=32, tta_hflip=True)
+  tta, loss = probs(tta_config, images)
+  np.testing.assert_allclose(tta, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+  assert np.abs(tta - plain).max() > 1e-4
+  expected_loss = -np.log(np.where(labels == 1, tta, 1 - tta))
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-4, atol=1e-6)

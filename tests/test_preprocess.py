@@ -1,11 +1,12 @@
-"""On-device augmentation: identity at zero strength, per-key determinism, the flip is a flip."""
+"""On-device augmentation: identity at zero strength, per-key determinism, the flip is a flip;
+mixup and CutMix."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import synthetic
-from covid_flax.preprocess import augment, normalize
+from covid_flax.preprocess import augment, mix, normalize
 
 
 def _images(n=4, size=32):
@@ -53,3 +54,33 @@ def test_flip_is_a_mirror_image():
 def test_normalize_uint8_and_float_agree():
   x = jnp.asarray([[0, 128, 255]], jnp.uint8)
   np.testing.assert_allclose(normalize(x), normalize(x.astype(jnp.float32) / 255.0))
+
+
+def test_mixup_is_a_weighted_average():
+  images, partners = _images(8), _images(8)[::-1]
+  mixed, lam = mix(images, partners, _keys(8), mixup_alpha=0.4, cutmix_alpha=0.0)
+  lam = np.asarray(lam)
+  assert ((lam > 0) & (lam < 1)).all() and len(np.unique(lam)) == 8
+  expected = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * partners
+  np.testing.assert_allclose(np.asarray(mixed), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_and_lam_is_the_visible_share():
+  images = jnp.zeros((16, 32, 32, 1))
+  partners = jnp.ones((16, 32, 32, 1))
+  mixed, lam = mix(images, partners, _keys(16), mixup_alpha=0.0, cutmix_alpha=1.0)
+  mixed = np.asarray(mixed)
+  assert set(np.unique(mixed)) <= {0.0, 1.0}  # Every pixel is from one of the two images.
+  np.testing.assert_allclose(np.asarray(lam), 1.0 - mixed.mean(axis=(1, 2, 3)), atol=1e-6)
+  pasted = mixed[np.asarray(lam) < 1][..., 0]
+  rows, cols = pasted.any(axis=2), pasted.any(axis=1)
+  # A rectangle: its pixel count is the product of its row and column extents.
+  np.testing.assert_array_equal(pasted.sum(axis=(1, 2)), rows.sum(axis=1) * cols.sum(axis=1))
+
+
+def test_both_on_uses_both():
+  images = jnp.zeros((64, 16, 16, 1))
+  partners = jnp.ones((64, 16, 16, 1))
+  mixed, _ = mix(images, partners, _keys(64), mixup_alpha=0.4, cutmix_alpha=1.0)
+  fractional = (np.asarray(mixed) % 1 != 0).any(axis=(1, 2, 3))
+  assert 10 < fractional.sum() < 54  # About half mixup (fractional pixels), half CutMix.
