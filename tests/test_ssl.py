@@ -139,3 +139,21 @@ def test_init_from_errors_name_the_field(pretrained, synthetic_data_dir, tmp_pat
   other = tiny_config(synthetic_data_dir, init_from=pretrained, model="seed_cnn")
   with pytest.raises(config_lib.ConfigError, match="pretrained a 'tiny_cnn' encoder, but config"):
     train.init_from_pretrained(train.create_train_state(other, tx)[1], other)
+
+
+def test_pretraining_resumes_where_it_stopped(pretrained, synthetic_data_dir, tmp_path):
+  import shutil
+
+  from configs import ct_ssl
+  from covid_flax import plots
+
+  workdir = str(tmp_path / "ssl")
+  shutil.copytree(pretrained, workdir)
+  config = ct_ssl.get_config()
+  config.dataset = "covid_synthetic/cxr"
+  for key, value in {**_ssl_flags(synthetic_data_dir), "num_epochs": 3}.items():
+    config[key] = value
+  state = ssl.pretrain(config, workdir)
+  assert int(state.step) == 3 * (618 // 64)
+  steps = [r["step"] for r in plots.load_jsonl(f"{workdir}/metrics.jsonl")]
+  assert steps == sorted(set(steps)) and steps[-1] == 27  # Continued, not restarted.
