@@ -73,11 +73,6 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array
   return loss.mean(), accuracy.mean()
 
 
-def head_modules(model: nnx.Module) -> tuple[str, ...]:
-  """Top-level attributes of a classifier used only by its `head` (not transferred)."""
-  return tuple(getattr(model, "HEAD_MODULES", ("out",)))
-
-
 def load_encoder(
   pretrain_workdir: str,
   config: ml_collections.ConfigDict,
@@ -105,7 +100,7 @@ def load_encoder(
     raise checkpointing.CheckpointError(
       f"{where}: pretraining checkpoint step {step} does not restore ({e})"
     ) from e
-  head = head_modules(nnx.eval_shape(lambda: train.create_model(config)))
+  head = nnx.eval_shape(lambda: train.create_model(config)).HEAD_MODULES  # Not transferred.
 
   def transfer(fresh: nnx.State, pretrained: nnx.State) -> nnx.State:
     fresh_flat = dict(nnx.to_flat_state(fresh))
@@ -134,8 +129,9 @@ def create_pretrain_state(
   config: ml_collections.ConfigDict, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, PretrainState]:
   encoder = train.create_model(config, config.seed)
-  model = SimCLRModel(encoder, config.image_size, config.ssl_projection_dim,
-                          rngs=nnx.Rngs(config.seed + 1))  # fmt: skip
+  model = SimCLRModel(
+    encoder, config.image_size, config.ssl_projection_dim, rngs=nnx.Rngs(config.seed + 1)
+  )
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state = PretrainState(
     step=jnp.zeros((), jnp.int32),

@@ -9,7 +9,8 @@ from covid_flax.models.seed_cnn import SeedCNN
 from covid_flax.models.tiny import TinyCNN
 
 # Every model maps (N, H, W, 1) images to (N, num_classes) logits and has `features` (the last
-# convolutional feature map, for Grad-CAM) and `head` (features -> logits).
+# convolutional feature map, for Grad-CAM and pretraining), `head` (features -> logits) and
+# HEAD_MODULES (the attributes only `head` uses).
 MODELS: dict[str, Callable[..., nnx.Module]] = {
   "seed_cnn": SeedCNN,
   "resnet18": ResNet18,

@@ -54,6 +54,8 @@ class _Block(nnx.Module):
 
 
 class ResNet(nnx.Module):
+  HEAD_MODULES = ("out",)  # Used only by `head`: not transferred from pretraining.
+
   def __init__(
     self,
     stage_sizes,

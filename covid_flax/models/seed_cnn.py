@@ -15,6 +15,8 @@ def _max_pool(x: jax.Array) -> jax.Array:
 
 
 class SeedCNN(nnx.Module):
+  HEAD_MODULES = ("dense", "out")  # Used only by `head`: not transferred from pretraining.
+
   def __init__(
     self,
     *,

@@ -6,6 +6,8 @@ from flax import nnx
 
 
 class TinyCNN(nnx.Module):
+  HEAD_MODULES = ("out",)  # Used only by `head`: not transferred from pretraining.
+
   def __init__(
     self,
     *,
