@@ -10,6 +10,7 @@ BatchNorm statistics averaged); checkpoints are Orbax (resume by running the sam
 """
 
 import functools
+from typing import Callable
 
 import flax
 import jax
@@ -196,7 +197,13 @@ def pretrain_step(
   return new_state, metrics
 
 
-def make_parallel_step(mesh, graphdef, tx, config) -> callable:
+def make_parallel_step(
+  mesh: jax.sharding.Mesh,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> Callable:
+  """`pretrain_step` jitted over the mesh: state and image cache replicated, batches split."""
   step = jax.shard_map(
     functools.partial(pretrain_step, graphdef=graphdef, tx=tx, config=config),
     mesh=mesh,
