@@ -5,9 +5,11 @@ step into a temporary directory and renames it when complete, so a run killed mi
 step that looks complete. Nothing here uses pickle: arrays go to OCDBT/Zarr, the rest to JSON.
 """
 
+import contextlib
+import errno
 import os
 import time
-from typing import Any
+from typing import Any, Iterator, NoReturn
 
 import jax
 import ml_collections
@@ -89,6 +91,30 @@ def _save_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointE
     f"{str(error)[:300]}). The complete checkpoints {complete} are intact; free disk space "
     "and run the same command again to resume."
   )
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(manager: ocp.CheckpointManager, workdir: str) -> Iterator[None]:
+  """Turns 'no space left' while a training loop writes its logs into a CheckpointError that names
+  the intact checkpoints (failed saves are mapped by `save` and `wait` themselves)."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise CheckpointError(
+      f"disk full while writing to {workdir} ({e}); the complete checkpoints "
+      f"{sorted(manager.all_steps())} are intact. Free space and run the same command to resume."
+    ) from e
+
+
+def exit_after_signal(manager: ocp.CheckpointManager, signum: int, step: int) -> NoReturn:
+  """Ends a run stopped by `signum` once its checkpoint of `step` is on disk."""
+  wait(manager)
+  logging.warning("Signal %d: saved step %d. Run the same command again to resume.", signum, step)
+  print(f"Stopped by signal {signum} at step {step}; checkpoint saved in {manager.directory}. "
+        "Run the same command to resume.")  # fmt: skip
+  raise SystemExit(128 + signum)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:

@@ -5,7 +5,9 @@ Running the same command again resumes from the latest checkpoint in the workdir
 """
 
 import sys
+from typing import Any, Callable
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,21 +19,27 @@ USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.Checkp
                train.NonFiniteLossError)  # fmt: skip
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file (a get_config()).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def run(entry: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str]) -> None:
+  """Runs `entry(config, workdir)` from the flags; user errors end in one line, no traceback.
+  Shared by this module and `covid_flax.pretrain`."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metric_writers.quiet_library_logs()
   parallel.initialize_distributed(FLAGS.config)
   logging.info("Config:\n%s", FLAGS.config)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    entry(FLAGS.config, FLAGS.workdir)
   except USER_ERRORS as e:
     sys.exit(f"error: {e}")
+
+
+def main(argv: list[str]) -> None:
+  run(train.train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

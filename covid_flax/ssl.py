@@ -247,7 +247,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   is_chief = jax.process_index() == 0
   bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (is_chief and config.progress_bar))  # fmt: skip
-  with interrupts.StopRequested() as stop:
+  with checkpointing.disk_full_is_an_error(manager, workdir), interrupts.StopRequested() as stop:
     for step in range(start_step, total_steps):
       state, metrics = p_step(state, cache, parallel.global_batch(mesh, next(data_iter)))
       pending.append(metrics)
@@ -271,13 +271,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
         checkpointing.save(manager, done, state, data_iter.get_state(), config)
       writer.flush()
       if stop.signum is not None and done < total_steps:
-        checkpointing.wait(manager)
-        print(f"Stopped by signal {stop.signum} at step {done}; checkpoint saved in "
-              f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")  # fmt: skip
-        raise SystemExit(128 + stop.signum)
-  bar.close()
-  checkpointing.wait(manager)
-  writer.close()
+        bar.close()
+        checkpointing.exit_after_signal(manager, stop.signum, done)
+    bar.close()
+    checkpointing.wait(manager)
+    writer.close()
   if is_chief:
     print(f"Pretrained encoder in {workdir} (step {int(state.step)}). Fine-tune with: "
           f"python -m covid_flax.main --config=... --config.init_from={workdir} --workdir=...")  # fmt: skip

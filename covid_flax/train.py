@@ -5,7 +5,6 @@ averaged explicitly with `jax.lax.pmean` over the `data` axis. `jax.shard_map` r
 of every device of every process, under `jax.jit`, with the state donated.
 """
 
-import errno
 import functools
 import time
 from typing import Any, Callable
@@ -295,77 +294,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
              disable=not (is_chief and config.progress_bar))  # fmt: skip
   pending, val_summary = [], None
   t_log, t_start, steps_since_log = time.perf_counter(), time.perf_counter(), 0
-  try:
-    with interrupts.StopRequested() as stop:
-      for step in range(start_step, total_steps):
-        epoch = step // steps_per_epoch + 1
-        batch = parallel.global_batch(mesh, next(data_iter))
-        state, metrics = p_train(state, train_images, batch)
-        pending.append(metrics)
-        steps_since_log += 1
-        done = step + 1
-        end_of_epoch = done % steps_per_epoch == 0
-        if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
-          fetched = jax.device_get(pending)  # The only host sync of the train metrics.
-          pending = []
-          bad = [m for m in fetched if not m["finite"]]
-          if bad and config.nan_policy == "stop":
-            raise NonFiniteLossError(
-              f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
-              f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
-              f"{checkpointing.checkpoint_dir(workdir)}"
-            )
-          summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
-          elapsed = time.perf_counter() - t_log
-          img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-          t_log, steps_since_log = time.perf_counter(), 0
-          writer.write(
-            done,
-            "train",
-            {
-              **summary,
-              "img_per_s": img_s,
-              "peak_rss_mib": metric_writers.peak_rss_mib(),
-              "skipped": len(bad),
-            },
-            epoch=epoch,
+  with checkpointing.disk_full_is_an_error(manager, workdir), interrupts.StopRequested() as stop:
+    for step in range(start_step, total_steps):
+      epoch = step // steps_per_epoch + 1
+      batch = parallel.global_batch(mesh, next(data_iter))
+      state, metrics = p_train(state, train_images, batch)
+      pending.append(metrics)
+      steps_since_log += 1
+      done = step + 1
+      end_of_epoch = done % steps_per_epoch == 0
+      if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
+        fetched = jax.device_get(pending)  # The only host sync of the train metrics.
+        pending = []
+        bad = [m for m in fetched if not m["finite"]]
+        if bad and config.nan_policy == "stop":
+          raise NonFiniteLossError(
+            f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
+            f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
+            f"{checkpointing.checkpoint_dir(workdir)}"
           )
-          bar.set_description(f"epoch {epoch}/{config.num_epochs}")
-          bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
-        bar.update(1)
-        saved = False
-        if end_of_epoch:
-          probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
-          val_summary = summarize(val_data.labels, probs, losses)
-          writer.write(done, "val", val_summary, epoch=epoch)
-          auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
-          checkpointing.save(manager, done, state, data_iter.get_state(), config,
-                             {checkpointing.VAL_METRIC: auc})  # fmt: skip
-          saved = True
-        elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
+        elapsed = time.perf_counter() - t_log
+        img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+        t_log, steps_since_log = time.perf_counter(), 0
+        writer.write(
+          done,
+          "train",
+          {
+            **summary,
+            "img_per_s": img_s,
+            "peak_rss_mib": metric_writers.peak_rss_mib(),
+            "skipped": len(bad),
+          },
+          epoch=epoch,
+        )
+        bar.set_description(f"epoch {epoch}/{config.num_epochs}")
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
+      bar.update(1)
+      saved = False
+      if end_of_epoch:
+        probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
+        val_summary = summarize(val_data.labels, probs, losses)
+        writer.write(done, "val", val_summary, epoch=epoch)
+        auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
+        checkpointing.save(manager, done, state, data_iter.get_state(), config,
+                           {checkpointing.VAL_METRIC: auc})  # fmt: skip
+        saved = True
+      elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+        checkpointing.save(manager, done, state, data_iter.get_state(), config)
+        saved = True
+      writer.flush()
+      if stop.signum is not None and done < total_steps:
+        if not saved:
           checkpointing.save(manager, done, state, data_iter.get_state(), config)
-          saved = True
-        writer.flush()
-        if stop.signum is not None and done < total_steps:
-          if not saved:
-            checkpointing.save(manager, done, state, data_iter.get_state(), config)
-          checkpointing.wait(manager)
-          bar.close()
-          logging.warning("Signal %d: saved step %d. Run the same command again to resume.",
-                          stop.signum, done)  # fmt: skip
-          print(f"Stopped by signal {stop.signum} at step {done}; checkpoint saved in "
-                f"{checkpointing.checkpoint_dir(workdir)}. Run the same command to resume.")  # fmt: skip
-          raise SystemExit(128 + stop.signum)
-  except OSError as e:
-    if e.errno != errno.ENOSPC:
-      raise
-    raise checkpointing.CheckpointError(
-      f"disk full while writing to {workdir} ({e}); the complete checkpoints "
-      f"{sorted(manager.all_steps())} are intact. Free space and run the same command to resume."
-    ) from e
-  bar.close()
-  checkpointing.wait(manager)
-  writer.close()
+        bar.close()
+        checkpointing.exit_after_signal(manager, stop.signum, done)
+    bar.close()
+    checkpointing.wait(manager)
+    writer.close()
   if is_chief and start_step < total_steps:
     metric_writers.write_train_summary(
       workdir, config, len(train_data), time.perf_counter() - t_start, val_summary

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported), no network, shared fixtures."""
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +49,33 @@ def synthetic_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   input_pipeline.get_builder(tiny_config(data_dir))
   return data_dir
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+  """A 3 MiB tmpfs (needs root, as in CI); skipped where mounting is not allowed."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:  # fmt: skip
+    pytest.skip("cannot mount a small tmpfs here (needs root) to simulate a full disk")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@contextlib.contextmanager
+def fill_disk(disk: Path):
+  """Fills `disk` to the last byte for the duration of the block."""
+  filler = disk / "filler"
+  fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+  try:
+    while os.write(fd, b"\0" * 4096):
+      pass
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+  try:
+    yield
+  finally:
+    os.remove(filler)

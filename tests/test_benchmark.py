@@ -25,3 +25,16 @@ def test_benchmark_prints_every_measure(synthetic_data_dir):
     "decode_resize",
     "batches_from_cache",
   }
+
+
+def test_roofline_prints_matmul_peaks_and_every_convolution():
+  proc = subprocess.run(
+    [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1"],
+    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+  )  # fmt: skip
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert {r["dtype"] for r in records if r["measure"] == "matmul"} == {"float32", "bfloat16"}
+  convs = [r for r in records if r["measure"] == "conv"]
+  assert [r["layer"] for r in convs] == ["1->32@20", "32->64@18", "64->64@8", "64->128@3"]
+  for r in convs:
+    assert all(r[f"{p}_gflop_s"] > 0 for p in ("forward", "input_grad", "weight_grad"))

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, fill_disk, tiny_config
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -157,3 +157,21 @@ def test_pretraining_resumes_where_it_stopped(pretrained, synthetic_data_dir, tm
   assert int(state.step) == 3 * (618 // 64)
   steps = [r["step"] for r in plots.load_jsonl(f"{workdir}/metrics.jsonl")]
   assert steps == sorted(set(steps)) and steps[-1] == 27  # Continued, not restarted.
+
+
+def test_disk_full_stops_pretraining_cleanly_and_resumes(
+  pretrained, synthetic_data_dir, small_disk
+):
+  import shutil
+
+  from configs import ct_ssl
+
+  workdir = small_disk / "ssl"
+  shutil.copytree(pretrained, workdir)
+  config = ct_ssl.get_config()
+  config.dataset = "covid_synthetic/cxr"
+  for key, value in {**_ssl_flags(synthetic_data_dir), "num_epochs": 3}.items():
+    config[key] = value
+  with fill_disk(small_disk), pytest.raises(ssl.checkpointing.CheckpointError, match="intact"):
+    ssl.pretrain(config, str(workdir))
+  assert int(ssl.pretrain(config, str(workdir)).step) == 3 * (618 // 64)  # Resumes.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, fill_disk, tiny_config
 
 from covid_flax import checkpointing, config_lib, metric_writers, train
 
@@ -174,34 +174,13 @@ def test_checkpoints_hold_no_pickle(synthetic_data_dir, tmp_path):
       assert not f.read_bytes()[:2].startswith(b"\x80"), f"{f} looks like a pickle"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 3 MiB tmpfs (needs root, as in CI); skipped where mounting is not allowed."""
-  mount = tmp_path / "disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                    capture_output=True).returncode != 0:  # fmt: skip
-    pytest.skip("cannot mount a small tmpfs here (needs root) to simulate a full disk")
-  yield mount
-  subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_while_saving(synthetic_data_dir, small_disk):
   workdir = small_disk / "run"
   config = tiny_config(synthetic_data_dir, num_epochs=1)
   train.train_and_evaluate(config, str(workdir))
-  fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-  try:  # Fill the disk to the last byte.
-    while os.write(fd, b"\0" * 4096):
-      pass
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
   config.num_epochs = 2
-  with pytest.raises(checkpointing.CheckpointError) as info:
+  with fill_disk(small_disk), pytest.raises(checkpointing.CheckpointError) as info:
     train.train_and_evaluate(config, str(workdir))
   assert "No space left" in str(info.value) or "intact" in str(info.value)
-  os.remove(small_disk / "filler")
   again = train.train_and_evaluate(config, str(workdir))  # Resumes from the intact checkpoint.
   assert int(again.step) > 0

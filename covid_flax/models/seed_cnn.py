@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from covid_flax.models.pooling import max_pool
+
 
 def _max_pool(x: jax.Array) -> jax.Array:
-  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+  return max_pool(x, window=2, stride=2)
 
 
 class SeedCNN(nnx.Module):

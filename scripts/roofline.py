@@ -1,0 +1,95 @@
+"""CPU roofline for the study CNN: peak matrix-product GFLOP/s, and each convolution's speed.
+
+  python scripts/roofline.py [--image_size=128] [--batch_size=32] [--dtype=float32]
+
+Prints one JSON object per line: `matmul` (a 2048^3 product, float32 and bfloat16) and, for each of
+the seed CNN's four 3x3 convolutions at this image size, the median ms and GFLOP/s of its forward
+pass, input gradient and weight gradient, each jitted alone. Together with `benchmark.py` this says
+how far the train step is from what the machine can do (README, "Performance"). Run it with the
+XLA flags under test in XLA_FLAGS; `covid_flax`'s defaults apply unless COVID_FLAX_XLA_DEFAULTS=0.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import covid_flax  # noqa: E402, F401  (sets XLA:CPU flags before the backend starts)
+
+flags.DEFINE_integer("image_size", 128, "Input image size of the seed CNN.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Convolution dtype.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per measure (the median is reported).")
+FLAGS = flags.FLAGS
+
+
+def _median_seconds(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # Compile and warm up.
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def _seed_cnn_convs(size: int) -> list[tuple[int, int, int]]:
+  """(input size, in channels, out channels) of the seed CNN's convolutions (models/seed_cnn.py)."""
+  return [
+    (size, 1, 32),
+    (size - 2, 32, 64),
+    ((size - 4) // 2, 64, 64),
+    ((size - 4) // 2 // 2 - 1, 64, 128),
+  ]
+
+
+def main(argv):
+  del argv
+  key = jax.random.key(0)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a = jax.random.normal(key, (2048, 2048), dtype)
+    product = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    seconds = _median_seconds(product, a, a)
+    record = {"measure": "matmul", "n": 2048, "dtype": jnp.dtype(dtype).name}
+    print(json.dumps({**record, "gflop_s": round(2 * 2048**3 / seconds / 1e9, 1)}), flush=True)
+  dtype = jnp.dtype(FLAGS.dtype)
+  for size, cin, cout in _seed_cnn_convs(FLAGS.image_size):
+    x = jax.random.normal(key, (FLAGS.batch_size, size, size, cin), dtype)
+    w = jax.random.normal(key, (3, 3, cin, cout), dtype) * 0.1
+    g = _conv(x, w)
+    passes = {
+      "forward": (jax.jit(_conv), (x, w)),
+      "input_grad": (
+        jax.jit(lambda x, w, g: jax.vjp(lambda x: _conv(x, w), x)[1](g)[0]),
+        (x, w, g),
+      ),
+      "weight_grad": (
+        jax.jit(lambda x, w, g: jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]),
+        (x, w, g),
+      ),
+    }
+    flop = 2 * FLAGS.batch_size * (size - 2) ** 2 * cin * cout * 9
+    record = {"measure": "conv", "layer": f"{cin}->{cout}@{size}", "dtype": dtype.name}
+    for name, (fn, args) in passes.items():
+      seconds = _median_seconds(fn, *args)
+      record[f"{name}_ms"] = round(seconds * 1e3, 1)
+      record[f"{name}_gflop_s"] = round(flop / seconds / 1e9, 1)
+    print(json.dumps(record), flush=True)
+  print(json.dumps({"measure": "environment", "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind}))  # fmt: skip
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,36 @@
+"""Model registry and layers: shapes of every model, and pooling equal to `nnx.max_pool`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from covid_flax import models
+from covid_flax.models.pooling import max_pool
+
+
+@pytest.mark.parametrize("window,stride,shape", [(2, 2, (2, 13, 12, 3)), (3, 2, (2, 9, 10, 4))])
+def test_max_pool_matches_nnx_values_and_gradients(window, stride, shape):
+  x = jax.random.normal(jax.random.key(0), shape)  # Continuous values: no ties.
+  reference = lambda x: nnx.max_pool(x, (window, window), strides=(stride, stride))  # noqa: E731
+  ours = lambda x: max_pool(x, window, stride)  # noqa: E731
+  np.testing.assert_array_equal(ours(x), reference(x))
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))  # noqa: E731
+  np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(reference))(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_maps_images_to_logits_and_features_to_head(name):
+  model = models.create_model(name, image_size=64, rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, 64, 64, 1))
+  logits = model(x)
+  assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(model.head(model.features(x)), logits, rtol=1e-6)
+  for attribute in model.HEAD_MODULES:
+    assert hasattr(model, attribute), f"{name}.HEAD_MODULES names a missing {attribute!r}"
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match="config.model='vgg'.*resnet18"):
+    models.create_model("vgg", image_size=64, rngs=nnx.Rngs(0))
