@@ -31,6 +31,7 @@ from covid_flax import (
   metric_writers,
   metrics,
   plots,
+  report,
   train,
 )
 from covid_flax.datasets import common
@@ -131,9 +132,9 @@ def evaluate(
       plots.plot_training_curves(plots.load_jsonl(log), os.path.join(tmp, "training_curves.png"))
     groups = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
     plots.gradcam_grid(groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}")
-    report = metrics.markdown_report(results, title=f"Evaluation: {title}")
+    markdown = report.markdown_report(results, title=f"Evaluation: {title}")
     with open(os.path.join(tmp, "report.md"), "w") as f:
-      f.write(report)
+      f.write(markdown)
       if not both_classes:
         f.write("\nOnly one class is present: no ROC or precision-recall curve.\n")
       if isinstance(run, inference.Ensemble):

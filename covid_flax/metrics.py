@@ -13,7 +13,6 @@ Public API:
   bootstrap_ci(labels, probs, patient_ids, threshold, ...) -> {metric: BootstrapInterval}
   evaluate_predictions(labels, probs, patient_ids, threshold, ...) -> dict   (one threshold, JSON)
   evaluate_at_thresholds(labels, probs, patient_ids, val_threshold, ...) -> dict   (metrics.json)
-  markdown_report(results, title) -> str
   threshold_records(results) -> {"threshold_val": RECORD, ...}   the RECORDs of a metrics.json
 
 metrics.json (from `evaluate_at_thresholds`; evaluate.py may add keys such as "split", "step"):
@@ -391,57 +390,6 @@ def evaluate_at_thresholds(
   }
 
 
-def format_value(rec: Mapping[str, Any], digits: int = 3) -> str:
-  """'0.912 [0.871, 0.945]' from a metric record; 'n/a' for undefined values."""
-  if rec.get("value") is None:
-    return "n/a"
-  text = f"{rec['value']:.{digits}f}"
-  if rec.get("ci_low") is not None and rec.get("ci_high") is not None:
-    text += f" [{rec['ci_low']:.{digits}f}, {rec['ci_high']:.{digits}f}]"
-  return text
-
-
 def threshold_records(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
   """The RECORDs of a metrics.json dict, by key ("threshold_val", "threshold_0.5")."""
   return {k: v for k, v in results.items() if k.startswith("threshold_") and isinstance(v, Mapping)}
-
-
-_CONFUSION_ROWS = (
-  ("tp", "COVID called COVID (TP)"),
-  ("fn", "COVID missed (FN)"),
-  ("tn", "non-COVID called non-COVID (TN)"),
-  ("fp", "non-COVID called COVID (FP)"),
-)
-
-
-def markdown_report(results: Mapping[str, Any], title: str = "Evaluation") -> str:
-  """Markdown of a metrics.json dict (or one RECORD): metrics with CIs per threshold, counts."""
-  records = list(({"": results} if "metrics" in results else threshold_records(results)).items())
-  if not records:
-    raise ValueError("no RECORD found (expected 'threshold_*' keys or a 'metrics' key)")
-  first = records[0][1]
-  c, b = first["counts"], first["bootstrap"]
-  summary = (
-    f"{c['n_images']} images ({c['n_positive']} COVID, {c['n_negative']} non-COVID) "
-    f"from {c['n_patients']} patients."
-  )
-  if results.get("target_sensitivity") is not None:
-    summary += (
-      f" Val threshold: the highest with val sensitivity >= {results['target_sensitivity']}."
-    )
-  heads = [f"threshold {r['threshold']:.4g}{' (val)' * (k == 'threshold_val')}" for k, r in records]
-  lines = [f"# {title}", "", summary, "", f"| Metric | {' | '.join(heads)} |"]
-  lines.append("|---" * (len(heads) + 1) + "|")
-  rows = [(_INFO[n][0], [format_value(r["metrics"][n]) for _, r in records]) for n in METRICS]
-  rows += [
-    (f"Count: {t}", [str(r["confusion_matrix"][c]) for _, r in records]) for c, t in _CONFUSION_ROWS
-  ]
-  lines += [f"| {name} | {' | '.join(cells)} |" for name, cells in rows]
-  methods = {m["ci_method"] for _, r in records for m in r["metrics"].values()}
-  lines.append(
-    f"\nIn brackets: {round(100 * first['confidence'])} % confidence intervals "
-    f"({', '.join(sorted(methods))}); the patient bootstrap draws {b['n_resamples']} resamples "
-    f"of patients (seed {b['seed']}) with all their images."
-  )
-  notes = sorted({n for _, r in records for n in r.get("notes", [])})
-  return "\n".join(lines + (["", "Notes:", ""] + [f"- {n}" for n in notes] if notes else [])) + "\n"

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # Run as a script from a checkout: make covid_fla
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covid_flax import metrics as metrics_lib
-from covid_flax import plots
+from covid_flax import plots, report
 
 LOWER_IS_BETTER = ("brier", "ece")
 PREDICTION_COLUMNS = ("filename", "patient_id", "label", "probability")
@@ -213,7 +213,7 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
   lines += ["|---|---|---|---|---|"]
   for name, m in comparison["metrics"].items():
     vals = [
-      metrics_lib.format_value({"value": v, "ci_low": c[0], "ci_high": c[1]})
+      report.format_value({"value": v, "ci_low": c[0], "ci_high": c[1]})
       for v, c in zip(m["values"], m["cis"], strict=True)
     ]
     lo, hi = m["difference_ci"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from covid_flax import metrics
+from covid_flax import metrics, report
 
 LABELS = np.array([0, 0, 0, 1, 1, 1])
 
@@ -240,7 +240,7 @@ def test_evaluate_predictions_schema_and_ci_methods():
 def test_markdown_report():
   labels, probs, pids = _random_data()
   results = metrics.evaluate_at_thresholds(labels, probs, pids, 0.4, 0.95, n_resamples=100)
-  text = metrics.markdown_report(results, "CXR test")
+  text = report.markdown_report(results, "CXR test")
   assert text.startswith("# CXR test")
   assert "| Metric | threshold 0.4 (val) | threshold 0.5 |" in text
   auc = results["threshold_val"]["metrics"]["roc_auc"]
@@ -248,4 +248,4 @@ def test_markdown_report():
   assert (
     f"| Count: COVID missed (FN) | {results['threshold_val']['confusion_matrix']['fn']} |" in text
   )
-  assert metrics.markdown_report(results["threshold_0.5"]).count("\n| ") == 15
+  assert report.markdown_report(results["threshold_0.5"]).count("\n| ") == 15
