@@ -212,19 +212,20 @@ def _parse_label(value: str, where: str) -> int:
 
 
 def load_images_dir(images_dir: str, image_size: int) -> input_pipeline.SplitData:
-  """A folder of images with `labels.csv` (relpath,label) as a split; each image is its own
-  patient (external data rarely says otherwise)."""
+  """A folder of images with `labels.csv` (relpath,label[,patient_id]) as a split. Without a
+  patient_id column (or with an empty cell) an image is its own patient; with it, the patient
+  bootstrap keeps each patient's images together."""
   labels_csv = os.path.join(images_dir, "labels.csv")
   if not os.path.isfile(labels_csv):
     raise common.DatasetError(
-      f"{labels_csv} not found: --images_dir needs a labels.csv (relpath,label)"
+      f"{labels_csv} not found: --images_dir needs a labels.csv (relpath,label[,patient_id])"
     )
-  relpaths, labels = [], []
+  relpaths, labels, patients = [], [], []
   with open(labels_csv, newline="") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames or not {"relpath", "label"} <= set(reader.fieldnames):
       raise common.DatasetError(
-        f"{labels_csv}: needs the header 'relpath,label', got {reader.fieldnames}"
+        f"{labels_csv}: needs the header 'relpath,label[,patient_id]', got {reader.fieldnames}"
       )
     for line, row in enumerate(reader, start=2):
       where = f"{labels_csv} line {line}"
@@ -233,8 +234,10 @@ def load_images_dir(images_dir: str, image_size: int) -> input_pipeline.SplitDat
         raise common.DatasetError(f"{where}: image {row['relpath']!r} not found in {images_dir}")
       labels.append(_parse_label(row["label"] or "", where))
       relpaths.append(row["relpath"])
+      patients.append((row.get("patient_id") or "").strip() or row["relpath"])
   if not relpaths:
     raise common.DatasetError(f"{labels_csv} lists no images")
   images = load_images([os.path.join(images_dir, p) for p in relpaths], image_size)
-  ids = np.asarray(relpaths)
-  return input_pipeline.SplitData(images, np.asarray(labels, np.int32), ids, ids)
+  return input_pipeline.SplitData(
+    images, np.asarray(labels, np.int32), np.asarray(patients), np.asarray(relpaths)
+  )

@@ -25,7 +25,7 @@ RECORD (from `evaluate_predictions`):
    "confusion_matrix": {"tn", "fp", "fn", "tp"},
    "bootstrap": {"unit": "patient", "n_resamples", "seed"},
    "metrics": {NAME: {"value": float|null, "ci_low": float|null, "ci_high": float|null,
-                      "ci_method": "wilson"|"patient_bootstrap",
+                      "ci_method": "wilson"|"patient_bootstrap"|"wilson_patients",
                       "bootstrap_ci": [low|null, high|null], "n_valid_resamples": int,
                       # proportions only: "wilson_ci": [low, high], "successes": int, "trials": int
                       # only when something is off: "note": str}},
@@ -35,7 +35,9 @@ precision), brier, ece (equal-width bins). The bootstrap resamples patients with
 patient's images stay together); the threshold is held fixed, so the intervals do not include the
 uncertainty of choosing it. Wilson intervals treat images as independent, true only with one image
 per patient: `proportion_ci="auto"` makes Wilson the headline interval of the proportions then, and
-the patient bootstrap otherwise (both are always stored). The bootstrap computes every resample at
+the patient bootstrap otherwise (both are always stored). A bootstrapped proportion of all or none
+(e.g. 0 of 19 external normals called normal) has a zero-width interval; Wilson's interval over the
+patients involved replaces it ("wilson_patients", with a note). The bootstrap computes every resample at
 once from per-image repeat counts in numpy (sklearn takes 15-40 ms a call); tests check it equals
 `compute_metrics` (sklearn) on the same resamples.
 """
@@ -331,6 +333,14 @@ def evaluate_predictions(
     zip(("tn", "fp", "fn", "tp"), map(int, np.ravel(point["confusion_matrix"])), strict=True)
   )
   boot = bootstrap_ci(labels, probs, patient_ids, threshold, n_resamples, seed, confidence, n_bins)
+  patient_of_image = _patient_of_image(patient_ids, n_images)[0]
+  preds = probs >= threshold
+  cell_of_image = {
+    "tp": (labels == 1) & preds,
+    "fn": (labels == 1) & ~preds,
+    "tn": (labels == 0) & ~preds,
+    "fp": (labels == 0) & preds,
+  }
   if proportion_ci == "auto":
     proportion_ci = "wilson" if n_patients == n_images else "patient_bootstrap"
   notes = [f"{n_images} images from {n_patients} patients."] if n_patients < n_images else []
@@ -346,6 +356,17 @@ def evaluate_predictions(
       rec.update(wilson_ci=wilson, successes=hits, trials=cells)
       if proportion_ci == "wilson":
         rec.update(ci_low=wilson[0], ci_high=wilson[1], ci_method="wilson")
+      elif cells and hits in (0, cells):
+        # All or none: every bootstrap resample gives the same value, a zero-width interval.
+        # Wilson over the patients involved instead (each patient counts once).
+        in_cells = np.any([cell_of_image[c] for c in _PROPORTION_CELLS[name][1].split()], axis=0)
+        k = len(np.unique(patient_of_image[in_cells]))
+        low, high = wilson_interval(k if hits else 0, k, confidence)
+        rec.update(ci_low=_json_float(low), ci_high=_json_float(high), ci_method="wilson_patients")
+        notes.append(
+          f"{name}: {hits} of {cells} images, so the patient bootstrap interval has zero width; "
+          f"the interval is Wilson's over the {k} patient{'s' * (k != 1)} involved."
+        )
     problems = [f"undefined here ({_INFO[name][1]})"] if value is None else []
     if b.n_valid < n_resamples:
       problems.append(f"defined on {b.n_valid} of {n_resamples} resamples")

@@ -157,7 +157,7 @@ def test_checkpoint_from_another_model(trained_workdir, tmp_path):
     ("relpath,label\nimg00.png,covid\nmissing.png,covid\n", None, "image 'missing.png' not found"),
     ("relpath,label\nimg00.png,pneumonia\n", None, "unknown label 'pneumonia'"),
     ("relpath,label\n", None, "lists no images"),
-    ("path,label\nimg00.png,covid\n", None, "needs the header 'relpath,label'"),
+    ("path,label\nimg00.png,covid\n", None, "needs the header 'relpath,label"),
     ("relpath,label\nimg00.png,covid\nbad.png,non_covid\n", b"not an image", "bad.png"),
   ],
 )
@@ -191,6 +191,16 @@ def test_external_set_with_one_class(run, images_dir):
   assert "Only one class is present" in open(os.path.join(out, "report.md")).read()
   results = json.load(open(os.path.join(out, "metrics.json")))
   assert results["threshold_val"]["metrics"]["roc_auc"]["value"] is None
+
+
+def test_external_patient_ids_keep_a_patients_images_together(run, images_dir):
+  rows = "".join(f"img{i:02d}.png,non_covid,{'p1' if i < 3 else ''}\n" for i in range(6))
+  with open(os.path.join(images_dir, "labels.csv"), "w") as f:
+    f.write("relpath,label,patient_id\n" + rows)
+  data = inference.load_images_dir(images_dir, run.config.image_size)
+  assert list(data.patient_ids) == ["p1", "p1", "p1", "img03.png", "img04.png", "img05.png"]
+  out = evaluate.evaluate(run, data, "images-grouped", n_resamples=100)
+  assert "6 images (0 COVID, 6 non-COVID) from 4 patients" in open(f"{out}/report.md").read()
 
 
 @pytest.fixture(scope="module")

@@ -237,6 +237,18 @@ def test_evaluate_predictions_schema_and_ci_methods():
   ]
 
 
+def test_all_or_none_proportion_gets_a_patient_wilson_interval_not_a_zero_width_one():
+  labels = np.zeros(19, np.int32)  # 19 negatives of 16 patients, all called positive.
+  probs = np.full(19, 0.9)
+  pids = [f"p{i}" for i in range(16)] + ["p0", "p1", "p2"]
+  rec = metrics.evaluate_predictions(labels, probs, pids, 0.5, n_resamples=100)["metrics"]
+  spec = rec["specificity"]
+  assert spec["value"] == 0 and spec["bootstrap_ci"] == [0, 0]
+  assert spec["ci_method"] == "wilson_patients"
+  assert [spec["ci_low"], spec["ci_high"]] == pytest.approx(metrics.wilson_interval(0, 16))
+  assert rec["accuracy"]["ci_method"] == "wilson_patients"  # 0 of 19 as well.
+
+
 def test_markdown_report():
   labels, probs, pids = _random_data()
   results = metrics.evaluate_at_thresholds(labels, probs, pids, 0.4, 0.95, n_resamples=100)
