@@ -106,10 +106,11 @@ def mixed_batch(
   aug_key: jax.Array,
   mix_key: jax.Array,
   config: ml_collections.ConfigDict,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mixup/CutMix: each example is mixed with the next one of the *global* batch (all-gathered
   indices; its image is taken from the replicated cache and augmented with its own key), so the
-  result does not depend on the number of devices. Returns images and target distributions."""
+  result does not depend on the number of devices. Returns the images, the weight of each one's own
+  label and the partners' labels."""
   global_index = jax.lax.all_gather(batch["index"], DATA_AXIS, tiled=True)
   global_label = jax.lax.all_gather(batch["label"], DATA_AXIS, tiled=True)
   partner_ids = (example_ids + 1) % global_index.shape[0]
@@ -117,7 +118,4 @@ def mixed_batch(
   partners = augmented_batch(cache, global_index[partner_ids], partner_ids, aug_key, config)
   mix_keys = jax.vmap(functools.partial(jax.random.fold_in, mix_key))(example_ids)
   images, lam = mix(images, partners, mix_keys, config.mixup_alpha, config.cutmix_alpha)
-  num_classes = 2
-  own = jax.nn.one_hot(batch["label"], num_classes)
-  other = jax.nn.one_hot(global_label[partner_ids], num_classes)
-  return images, lam[:, None] * own + (1.0 - lam[:, None]) * other
+  return images, lam, global_label[partner_ids]

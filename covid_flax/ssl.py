@@ -219,12 +219,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   checkpointing.check_workdir_compatible(workdir, config)
   mesh = parallel.create_mesh()
   data = input_pipeline.load_split(config, config.train_split)
-  steps_per_epoch = len(data) // config.batch_size
-  if steps_per_epoch == 0:
-    raise config_lib.ConfigError(
-      f"config.batch_size={config.batch_size} is larger than the {len(data)} images of "
-      f"{config.dataset}:{config.train_split}"
-    )
+  steps_per_epoch = train.count_steps_per_epoch(config, len(data))
   total_steps = steps_per_epoch * config.num_epochs
   tx = train.create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_pretrain_state(config, tx)
@@ -235,10 +230,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
     input_pipeline.train_dataset(data, config.batch_size, config.seed)
   )
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, track_best=False)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )
-  restored = checkpointing.restore_latest_usable(manager, abstract)
+  restored = checkpointing.restore_latest_usable(manager, train.abstract_like(state))
   if restored:
     _, state, iter_state = restored
     data_iter.set_state(iter_state)

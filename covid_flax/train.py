@@ -139,7 +139,9 @@ def train_step(
   # Keys by global example index: augmentation does not depend on the number of devices.
   example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
   if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-    images, targets = mixed_batch(images, batch, example_ids, aug_key, mix_key, config)
+    images, lam, partner_labels = mixed_batch(images, batch, example_ids, aug_key, mix_key, config)
+    own, other = (jax.nn.one_hot(y, NUM_CLASSES) for y in (batch["label"], partner_labels))
+    targets = lam[:, None] * own + (1.0 - lam[:, None]) * other
   else:
     images = augmented_batch(images, batch["index"], example_ids, aug_key, config)
     targets = batch["label"]
@@ -261,12 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = parallel.create_mesh()
   train_data = input_pipeline.load_split(config, config.train_split)
   val_data = input_pipeline.load_split(config, config.eval_split)
-  steps_per_epoch = len(train_data) // config.batch_size
-  if steps_per_epoch == 0:
-    raise config_lib.ConfigError(
-      f"config.batch_size={config.batch_size} is larger than the {len(train_data)} training "
-      f"examples of {config.dataset}; use a batch size <= {len(train_data)}"
-    )
+  steps_per_epoch = count_steps_per_epoch(config, len(train_data))
   total_steps = steps_per_epoch * config.num_epochs
   tx = create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_train_state(config, tx)
@@ -279,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   data_iter = input_pipeline.train_iterator(
     input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
   )
-  restored = checkpointing.restore_latest_usable(manager, _abstract(state))
+  restored = checkpointing.restore_latest_usable(manager, abstract_like(state))
   if restored:
     step, state, iter_state = restored
     data_iter.set_state(iter_state)
@@ -361,7 +358,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def _abstract(tree: Any) -> Any:
+def count_steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Full global batches per epoch of the training split (the last partial one is dropped)."""
+  if num_examples < config.batch_size:
+    raise config_lib.ConfigError(
+      f"config.batch_size={config.batch_size} is larger than the {num_examples} training "
+      f"examples of {config.dataset}:{config.train_split}; use a batch size <= {num_examples}"
+    )
+  return num_examples // config.batch_size
+
+
+def abstract_like(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of `tree`: the restore target for Orbax."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 

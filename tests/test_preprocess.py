@@ -4,9 +4,11 @@ mixup and CutMix."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from configs import synthetic
-from covid_flax.preprocess import augment, mix, normalize
+from covid_flax import parallel
+from covid_flax.preprocess import augment, mix, mixed_batch, normalize
 
 
 def _images(n=4, size=32):
@@ -84,3 +86,27 @@ def test_both_on_uses_both():
   mixed, _ = mix(images, partners, _keys(64), mixup_alpha=0.4, cutmix_alpha=1.0)
   fractional = (np.asarray(mixed) % 1 != 0).any(axis=(1, 2, 3))
   assert 10 < fractional.sum() < 54  # About half mixup (fractional pixels), half CutMix.
+
+
+def test_mixed_batch_pairs_each_example_with_the_next_of_the_global_batch():
+  """On 8 devices, with the partner of the last example on another device than its own."""
+  mesh = parallel.create_mesh()
+  cache = jnp.asarray(np.random.default_rng(1).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
+  index = jnp.arange(16) * 2 + 3
+  labels = jnp.arange(16) % 2
+  config = _config(augment=False, mixup_alpha=0.4)
+
+  def per_device(cache, index, label):
+    local = index.shape[0]
+    ids = jax.lax.axis_index(parallel.DATA_AXIS) * local + jnp.arange(local)
+    batch = {"index": index, "label": label}
+    return mixed_batch(cache, batch, ids, jax.random.key(0), jax.random.key(1), config)
+
+  run = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                      out_specs=P("data"))  # fmt: skip
+  images, lam, partner_labels = jax.jit(run)(cache, index, labels)
+  partners = np.roll(np.asarray(index), -1)
+  own, other = np.asarray(cache)[np.asarray(index)] / 255.0, np.asarray(cache)[partners] / 255.0
+  lam4 = np.asarray(lam)[:, None, None, None]
+  np.testing.assert_allclose(images, lam4 * own + (1 - lam4) * other, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(partner_labels, np.roll(np.asarray(labels), -1))

@@ -184,3 +184,9 @@ def test_disk_full_while_saving(synthetic_data_dir, small_disk):
   assert "No space left" in str(info.value) or "intact" in str(info.value)
   again = train.train_and_evaluate(config, str(workdir))  # Resumes from the intact checkpoint.
   assert int(again.step) > 0
+
+
+def test_batch_larger_than_the_training_split_is_refused(synthetic_data_dir, tmp_path):
+  config = tiny_config(synthetic_data_dir, batch_size=1024)
+  with pytest.raises(config_lib.ConfigError, match="batch_size=1024 is larger than the 618"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
