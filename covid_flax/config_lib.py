@@ -9,7 +9,7 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Fields that make a checkpoint unusable by a run with other values (shapes or data change).
-INCOMPATIBLE_FIELDS = ("model", "image_size", "dataset", "half_precision")
+INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "dataset", "half_precision")
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.
@@ -20,6 +20,7 @@ ADDED_FIELDS = {
   "ssl_temperature": 0.2,
   "ssl_projection_dim": 128,
   "tta_hflip": False,
+  "center_crop": 1.0,
 }
 
 
@@ -55,6 +56,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "train_split": (str, _ANY),
   "eval_split": (str, _ANY),
   "image_size": (int, _range(32, 1024)),
+  "center_crop": ((int, float), _range(0.2, 1)),
   "augment": (bool, _ANY),
   "aug_rotate": ((int, float), _range(0, 180)),
   "aug_zoom": ((int, float), _range(0, 0.9)),

@@ -161,7 +161,7 @@ def main(argv):
                 for w in FLAGS.ensemble]  # fmt: skip
       run = inference.Ensemble([run, *others])
     if FLAGS.images_dir:
-      data = inference.load_images_dir(FLAGS.images_dir, run.config.image_size)
+      data = inference.load_images_dir(FLAGS.images_dir, run.config)
       name = "images-" + os.path.basename(os.path.normpath(FLAGS.images_dir))
     else:
       data = input_pipeline.load_split(run.config, FLAGS.split)

@@ -67,7 +67,7 @@ class Ensemble:
   def __post_init__(self):
     first = self.runs[0].config
     for run in self.runs[1:]:
-      for field in ("dataset", "image_size", "eval_split", "target_sensitivity"):
+      for field in ("dataset", "image_size", "center_crop", "eval_split", "target_sensitivity"):
         if run.config[field] != first[field]:
           raise config_lib.ConfigError(
             f"ensemble members differ in config.{field}: {self.runs[0].workdir} has "
@@ -193,11 +193,14 @@ def operating_point(run: Run | Ensemble) -> dict:
   return point
 
 
-def load_images(paths: list[str], image_size: int) -> np.ndarray:
-  """Files -> (N, S, S, 1) uint8, each opened by content and converted like the training data."""
-  out = np.empty((len(paths), image_size, image_size, 1), np.uint8)
+def load_images(paths: list[str], config: ml_collections.ConfigDict) -> np.ndarray:
+  """Files -> (N, S, S, 1) uint8, each opened by content and cropped and resized as the run's
+  training data was (`config` is the run's)."""
+  size = config.image_size
+  out = np.empty((len(paths), size, size, 1), np.uint8)
   for i, path in enumerate(paths):
-    out[i] = input_pipeline.resize(np.asarray(image_io.load_grayscale(path)), image_size)
+    image = np.asarray(image_io.load_grayscale(path))
+    out[i] = input_pipeline.resize(image, size, config.center_crop)
   return out
 
 
@@ -211,7 +214,7 @@ def _parse_label(value: str, where: str) -> int:
   raise common.DatasetError(f"{where}: unknown label {value!r}; use one of {list(names)} or 0/1")
 
 
-def load_images_dir(images_dir: str, image_size: int) -> input_pipeline.SplitData:
+def load_images_dir(images_dir: str, config: ml_collections.ConfigDict) -> input_pipeline.SplitData:
   """A folder of images with `labels.csv` (relpath,label[,patient_id]) as a split. Without a
   patient_id column (or with an empty cell) an image is its own patient; with it, the patient
   bootstrap keeps each patient's images together."""
@@ -237,7 +240,7 @@ def load_images_dir(images_dir: str, image_size: int) -> input_pipeline.SplitDat
       patients.append((row.get("patient_id") or "").strip() or row["relpath"])
   if not relpaths:
     raise common.DatasetError(f"{labels_csv} lists no images")
-  images = load_images([os.path.join(images_dir, p) for p in relpaths], image_size)
+  images = load_images([os.path.join(images_dir, p) for p in relpaths], config)
   return input_pipeline.SplitData(
     images, np.asarray(labels, np.int32), np.asarray(patients), np.asarray(relpaths)
   )

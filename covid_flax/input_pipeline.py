@@ -52,10 +52,14 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased. The whole image is kept (stretched):
-  padding or cropping would add borders or cut lungs in a way that differs by source."""
+def resize(image: np.ndarray, size: int, center_crop: float = 1.0) -> np.ndarray:
+  """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
+  side, stretched to a square (no padding, which would add borders that differ by source)."""
   pil = Image.fromarray(np.asarray(image).reshape(image.shape[0], image.shape[1]), mode="L")
+  if center_crop < 1.0:
+    w, h = pil.size
+    dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
+    pil = pil.crop((dw, dh, w - dw, h - dh))
   if pil.size != (size, size):
     pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
   return np.asarray(pil, dtype=np.uint8)[..., None]
@@ -77,7 +81,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
 
   def load(i: int):
     ex = source[i]
-    return resize(ex["image"], config.image_size), ex
+    return resize(ex["image"], config.image_size, config.center_crop), ex
 
   images = np.empty((n, config.image_size, config.image_size, 1), np.uint8)
   labels = np.empty((n,), np.int32)

@@ -168,11 +168,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
   """Wilson score interval of a binomial proportion (no continuity correction); NaNs if n == 0."""
   if n <= 0:
     return (math.nan, math.nan)
-  z = stats.norm.ppf(0.5 + confidence / 2)
-  p, z2 = successes / n, z * z / n
-  center = (p + z2 / 2) / (1 + z2)
-  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
-  return (max(0.0, center - half), min(1.0, center + half))
+  ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+  return (float(ci.low), float(ci.high))
 
 
 def _patient_of_image(patient_ids: Any, n_images: int) -> tuple[np.ndarray, int]:

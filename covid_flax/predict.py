@@ -28,7 +28,7 @@ def main(argv):
     raise app.UsageError("Give one or more image files.")
   try:
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
-    images = inference.load_images(paths, run.config.image_size)
+    images = inference.load_images(paths, run.config)
     threshold = inference.operating_point(run)["threshold"]
   except (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError) as e:
     sys.exit(f"error: {e}")

@@ -28,6 +28,7 @@ def test_shipped_configs_are_valid(name):
     ("nan_policy", "ignore", "config.nan_policy='ignore'"),
     ("augment", 1, "config.augment=1 has type int"),
     ("image_size", 64.0, "config.image_size=64.0 has type float"),
+    ("center_crop", 0.1, "config.center_crop=0.1 is not allowed; it must be >= 0.2 and <= 1"),
   ],
 )
 def test_bad_field_is_named(field, value, message):

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from conftest import REPO_ROOT, tiny_config
 from PIL import Image
 
@@ -97,7 +98,7 @@ def test_threshold_is_chosen_on_val_not_test(run):
 
 
 def test_predict_agrees_with_evaluate(run, images_dir, tmp_path):
-  data = inference.load_images_dir(images_dir, run.config.image_size)
+  data = inference.load_images_dir(images_dir, run.config)
   out = evaluate.evaluate(run, data, "images-ext", n_resamples=100)
   with open(os.path.join(out, "predictions.csv")) as f:
     expected = {r["filename"]: float(r["probability"]) for r in csv.DictReader(f)}
@@ -169,7 +170,7 @@ def test_bad_images_dir(run, images_dir, labels_csv, extra_file, message):
       f.write(extra_file)
   before = _eval_entries(run.workdir)
   with pytest.raises(common.DatasetError, match=message):
-    inference.load_images_dir(images_dir, run.config.image_size)
+    inference.load_images_dir(images_dir, run.config)
   assert _eval_entries(run.workdir) == before
 
 
@@ -185,7 +186,7 @@ def test_external_set_with_one_class(run, images_dir):
   """External negatives only (e.g. adult normals for a CXR model): no ROC curve, still a report."""
   with open(os.path.join(images_dir, "labels.csv"), "w") as f:
     f.write("relpath,label\n" + "".join(f"img{i:02d}.png,non_covid\n" for i in range(6)))
-  data = inference.load_images_dir(images_dir, run.config.image_size)
+  data = inference.load_images_dir(images_dir, run.config)
   out = evaluate.evaluate(run, data, "images-negatives", n_resamples=100)
   assert not os.path.exists(os.path.join(out, "roc.png"))
   assert "Only one class is present" in open(os.path.join(out, "report.md")).read()
@@ -197,7 +198,7 @@ def test_external_patient_ids_keep_a_patients_images_together(run, images_dir):
   rows = "".join(f"img{i:02d}.png,non_covid,{'p1' if i < 3 else ''}\n" for i in range(6))
   with open(os.path.join(images_dir, "labels.csv"), "w") as f:
     f.write("relpath,label,patient_id\n" + rows)
-  data = inference.load_images_dir(images_dir, run.config.image_size)
+  data = inference.load_images_dir(images_dir, run.config)
   assert list(data.patient_ids) == ["p1", "p1", "p1", "img03.png", "img04.png", "img05.png"]
   out = evaluate.evaluate(run, data, "images-grouped", n_resamples=100)
   assert "6 images (0 COVID, 6 non-COVID) from 4 patients" in open(f"{out}/report.md").read()
@@ -252,3 +253,37 @@ def test_test_time_flips_are_an_evaluation_option(run, trained_workdir, syntheti
   np.testing.assert_allclose(
     flipped.predict(val), (run.predict(val) + run.predict(mirrored)) / 2, rtol=1e-5, atol=1e-6
   )
+
+
+def _framed_image(height: int = 80, width: int = 100) -> np.ndarray:
+  """Black centre, white frame a quarter of each side wide (a border or marker a crop removes)."""
+  image = np.full((height, width), 255, np.uint8)
+  image[height // 4 : height - height // 4, width // 4 : width - width // 4] = 0
+  return image
+
+
+def test_center_crop_removes_the_border():
+  image = _framed_image()
+  assert input_pipeline.resize(image, 32).max() == 255
+  cropped = input_pipeline.resize(image, 32, center_crop=0.5)
+  assert cropped.shape == (32, 32, 1) and cropped.max() == 0
+
+
+def test_external_images_are_cropped_like_the_training_data(run, tmp_path):
+  Image.fromarray(_framed_image()).save(tmp_path / "framed.png")
+  (tmp_path / "labels.csv").write_text("relpath,label\nframed.png,covid\n")
+  whole = inference.load_images_dir(str(tmp_path), run.config)
+  config = run.config.copy_and_resolve_references()
+  config.center_crop = 0.5
+  cropped = inference.load_images_dir(str(tmp_path), config)
+  assert whole.images.max() == 255 and cropped.images.max() == 0
+
+
+def test_training_data_is_cropped_by_the_config(run):
+  config = run.config.copy_and_resolve_references()
+  config.center_crop = 0.5
+  cropped = input_pipeline.load_split(config, "val")
+  source = tfds.data_source(config.dataset, split="val", data_dir=config.data_dir, download=False)
+  expected = input_pipeline.resize(source[3]["image"], config.image_size, 0.5)
+  np.testing.assert_array_equal(cropped.images[3], expected)
+  assert not np.array_equal(expected, input_pipeline.resize(source[3]["image"], config.image_size))
