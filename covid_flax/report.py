@@ -53,5 +53,10 @@ def markdown_report(results: Mapping[str, Any], title: str = "Evaluation") -> st
     f"({', '.join(sorted(methods))}); the patient bootstrap draws {b['n_resamples']} resamples "
     f"of patients (seed {b['seed']}) with all their images."
   )
-  notes = sorted({n for _, r in records for n in r.get("notes", [])})
+  # A note every column shares is said once; the others say which column (threshold) they are of.
+  shared = set.intersection(*(set(r.get("notes", [])) for _, r in records))
+  notes = sorted(shared) + [
+    f"{head}: {n}" for head, (_, r) in zip(heads, records) for n in r.get("notes", [])
+    if n not in shared
+  ]  # fmt: skip
   return "\n".join(lines + (["", "Notes:", ""] + [f"- {n}" for n in notes] if notes else [])) + "\n"

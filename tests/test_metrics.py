@@ -261,3 +261,17 @@ def test_markdown_report():
     f"| Count: COVID missed (FN) | {results['threshold_val']['confusion_matrix']['fn']} |" in text
   )
   assert report.markdown_report(results["threshold_0.5"]).count("\n| ") == 15
+
+
+def test_report_notes_say_which_threshold_they_are_of():
+  """All 19 negatives called COVID at 0.5 but not at the val threshold: the note of the 0.5
+  column must say it is about threshold 0.5, and shared notes appear once."""
+  labels = np.zeros(19, np.int32)
+  probs = np.r_[np.full(4, 0.6), np.full(15, 0.95)]
+  pids = np.r_[np.arange(16), [0, 1, 2]]
+  results = metrics.evaluate_at_thresholds(labels, probs, pids, 0.9, 0.95, n_resamples=100)
+  text = report.markdown_report(results)
+  notes = text.split("Notes:")[1]
+  assert notes.count("19 images from 16 patients.") == 1
+  assert "- threshold 0.5: specificity: 0 of 19 images" in notes
+  assert "- threshold 0.9 (val): specificity" not in notes
