@@ -11,7 +11,6 @@ folder is written under a temporary name and renamed at the end: it is complete 
 `ensemble<k>-<hash of the members>` instead of the step.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -77,14 +76,6 @@ def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
   return groups
 
 
-def write_predictions(path: str, data: input_pipeline.SplitData, probs: np.ndarray) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["filename", "patient_id", "label", "probability"])
-    for name, patient, label, p in zip(data.filenames, data.patient_ids, data.labels, probs):
-      writer.writerow([name, patient, int(label), repr(float(p))])
-
-
 def evaluate(
   run: inference.Run | inference.Ensemble,
   data: input_pipeline.SplitData,
@@ -111,7 +102,9 @@ def evaluate(
   try:
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, allow_nan=False)
-    write_predictions(os.path.join(tmp, "predictions.csv"), data, probs)
+    report.write_predictions(
+      os.path.join(tmp, "predictions.csv"), data.filenames, data.patient_ids, data.labels, probs
+    )
     which = (
       f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
     )

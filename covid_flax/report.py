@@ -1,9 +1,48 @@
-"""Markdown report of a metrics.json dict (`metrics.evaluate_at_thresholds`): metrics with their
-confidence intervals per threshold, and the confusion counts."""
+"""An evaluation's files: the Markdown report of a metrics.json dict
+(`metrics.evaluate_at_thresholds`: metrics with their confidence intervals per threshold, and the
+confusion counts) and predictions.csv (one row per image)."""
 
-from typing import Any, Mapping
+import csv
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from covid_flax.metrics import METRIC_LABELS, METRICS, threshold_records
+
+PREDICTION_COLUMNS = ("filename", "patient_id", "label", "probability")
+
+
+def write_predictions(
+  path: str | os.PathLike,
+  filenames: Sequence[str],
+  patient_ids: Sequence[str],
+  labels: Sequence[int],
+  probs: Sequence[float],
+) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(PREDICTION_COLUMNS)
+    for row in zip(filenames, patient_ids, labels, probs, strict=True):
+      writer.writerow([row[0], row[1], int(row[2]), repr(float(row[3]))])
+
+
+def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(labels, probs, patient_ids) of a predictions.csv; errors name the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing (written by the evaluation with metrics.json)")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = set(PREDICTION_COLUMNS) - set(reader.fieldnames or ())
+    if missing:
+      raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    rows = list(reader)
+  try:
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  return labels, probs, np.array([r["patient_id"] for r in rows], dtype=object)
 
 
 def format_value(rec: Mapping[str, Any], digits: int = 3) -> str:

@@ -17,7 +17,6 @@ better evidence of a difference.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -34,7 +33,6 @@ from covid_flax import metrics as metrics_lib
 from covid_flax import plots, report
 
 LOWER_IS_BETTER = ("brier", "ece")
-PREDICTION_COLUMNS = ("filename", "patient_id", "label", "probability")
 
 
 class Run(NamedTuple):
@@ -66,24 +64,6 @@ def latest_eval_dir(workdir: str | Path, split: str) -> Path:
   return max(found)[1]
 
 
-def read_predictions_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(labels, probs, patient_ids) of a predictions.csv; errors name the file."""
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing (written by the evaluation with metrics.json)")
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    missing = set(PREDICTION_COLUMNS) - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    rows = list(reader)
-  try:
-    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    probs = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
-  return labels, probs, np.array([r["patient_id"] for r in rows], dtype=object)
-
-
 def load_run(workdir: str | Path, split: str = "test", name: str | None = None) -> Run:
   workdir = Path(workdir)
   eval_dir = latest_eval_dir(workdir, split)
@@ -91,7 +71,7 @@ def load_run(workdir: str | Path, split: str = "test", name: str | None = None) 
     results = json.load(f)
   if not metrics_lib.threshold_records(results):
     raise ValueError(f"{eval_dir / 'metrics.json'} has no 'threshold_*' records")
-  labels, probs, patient_ids = read_predictions_csv(eval_dir / "predictions.csv")
+  labels, probs, patient_ids = report.read_predictions(eval_dir / "predictions.csv")
   summary_path = workdir / "train_summary.json"
   summary = None
   if summary_path.is_file():

@@ -1,0 +1,62 @@
+"""scripts/by_source.py on a fake evaluation where one negative source is a shortcut."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_flax import metrics, report
+
+_SPEC = importlib.util.spec_from_file_location(
+  "by_source", Path(__file__).resolve().parents[1] / "scripts" / "by_source.py"
+)
+by_source = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(by_source)
+
+
+@pytest.fixture
+def eval_dir(tmp_path) -> Path:
+  """COVID from 'Patient N'; non-COVID 'medpix_patient_N' far from COVID (a shortcut) and
+  'crawled_patient_N' mixed with it (chance)."""
+  rng = np.random.default_rng(0)
+  pids = ([f"Patient {i}" for i in range(40)] + [f"medpix_patient_{i}" for i in range(30)]
+          + [f"crawled_patient_{i}" for i in range(30)])  # fmt: skip
+  labels = np.r_[np.ones(40, int), np.zeros(60, int)]
+  probs = np.r_[rng.uniform(0.4, 1.0, 40), rng.uniform(0.0, 0.2, 30), rng.uniform(0.4, 1.0, 30)]
+  report.write_predictions(
+    tmp_path / "predictions.csv", [f"{i}.png" for i in range(100)], pids, labels, probs
+  )
+  results = metrics.evaluate_at_thresholds(labels, probs, pids, 0.5, 0.95, n_resamples=20)
+  (tmp_path / "metrics.json").write_text(json.dumps(results))
+  return tmp_path
+
+
+@pytest.mark.parametrize(
+  "patient_id,source",
+  [("medpix_patient_2", "medpix_patient"), ("Patient 167", "Patient"), ("person12", "person"),
+   ("38", "?")],
+)  # fmt: skip
+def test_source_of_a_patient_id(patient_id, source):
+  assert by_source.source_of(patient_id) == source
+
+
+def test_a_shortcut_source_stands_out(eval_dir):
+  rows = {(r["class"], r["source"]): r for r in by_source.by_source(eval_dir, n_resamples=100)}
+  assert set(rows) == {("covid", "Patient"), ("non_covid", "medpix_patient"),
+                       ("non_covid", "crawled_patient")}  # fmt: skip
+  medpix, crawled = rows["non_covid", "medpix_patient"], rows["non_covid", "crawled_patient"]
+  assert medpix["roc_auc_vs_other_class"] == 1.0 and medpix["called_covid"] == 0.0
+  auc, (low, high) = crawled["roc_auc_vs_other_class"], crawled["roc_auc_ci"]
+  assert 0.2 < auc < 0.7 and low < auc < high and crawled["n_images"] == 30
+  assert rows["covid", "Patient"]["n_images"] == 40
+
+
+def test_cli_prints_a_table_and_names_a_missing_file(eval_dir, tmp_path, capsys):
+  assert by_source.main([str(eval_dir), "--source_regex=^([a-z]+)_", "--n_resamples=50"]) == 0
+  out = capsys.readouterr().out
+  assert "| non_covid | medpix | 30 | 0.000 | 1.000" in out
+  assert "| covid | ? | 40 |" in out
+  assert by_source.main([str(tmp_path / "nowhere")]) == 1
+  assert "nowhere/predictions.csv is missing" in capsys.readouterr().err
