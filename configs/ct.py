@@ -14,7 +14,7 @@ def get_config():
   config.dataset = "covid_ct"
   config.model = "resnet18"
   config.image_size = 128
-  config.num_epochs = 60
+  config.num_epochs = 120  # 60 underfits (train accuracy ~0.85 at the end): +0.03 val AUC.
   config.warmup_epochs = 3.0
   config.learning_rate = 1e-3
   config.weight_decay = 0.05
