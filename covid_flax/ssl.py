@@ -261,6 +261,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
       bar.update(1)
       if end_of_epoch or (stop.signum is not None and done < total_steps):
         checkpointing.save(manager, done, state, data_iter.get_state(), config)
+        metric_writers.trim_host_memory()
       writer.flush()
       if stop.signum is not None and done < total_steps:
         bar.close()

@@ -337,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpointing.save(manager, done, state, data_iter.get_state(), config,
                            {checkpointing.VAL_METRIC: auc})  # fmt: skip
         saved = True
+        metric_writers.trim_host_memory()
       elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
         checkpointing.save(manager, done, state, data_iter.get_state(), config)
         saved = True
