@@ -23,8 +23,8 @@ def write_predictions(
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(PREDICTION_COLUMNS)
-    for row in zip(filenames, patient_ids, labels, probs, strict=True):
-      writer.writerow([row[0], row[1], int(row[2]), repr(float(row[3]))])
+    for name, patient, label, p in zip(filenames, patient_ids, labels, probs, strict=True):
+      writer.writerow([name, patient, int(label), repr(float(p))])
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

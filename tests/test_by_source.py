@@ -60,3 +60,19 @@ def test_cli_prints_a_table_and_names_a_missing_file(eval_dir, tmp_path, capsys)
   assert "| covid | ? | 40 |" in out
   assert by_source.main([str(tmp_path / "nowhere")]) == 1
   assert "nowhere/predictions.csv is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "regex,message",
+  [("(", "is not a regular expression"), ("^[a-z]+", "needs a group")],
+)
+def test_bad_source_regex_is_named(eval_dir, regex, message, capsys):
+  assert by_source.main([str(eval_dir), f"--source_regex={regex}"]) == 1
+  err = capsys.readouterr().err
+  assert f"--source_regex={regex!r}" in err and message in err
+
+
+def test_metrics_without_a_val_threshold_is_named(eval_dir, capsys):
+  (eval_dir / "metrics.json").write_text("{}")
+  assert by_source.main([str(eval_dir)]) == 1
+  assert "metrics.json has no 'threshold_val' record" in capsys.readouterr().err

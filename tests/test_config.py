@@ -70,3 +70,10 @@ def test_runs_saved_before_a_field_existed_get_its_neutral_value():
   filled = config_lib.with_added_fields(config)
   config_lib.validate(filled)
   assert filled.tta_hflip is False and filled.mixup_alpha == 0.0 and filled.init_from == ""
+
+
+def test_a_cropped_run_cannot_resume_uncropped():
+  saved = synthetic.get_config().to_dict()
+  config = synthetic.get_config()
+  config.center_crop = 0.7
+  assert config_lib.incompatible_fields(saved, config) == {"center_crop": (1.0, 0.7)}

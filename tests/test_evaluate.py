@@ -237,10 +237,11 @@ def test_ensemble_from_the_command_line(run, second_run):
   assert "Ensemble: the mean probability of" in result.stdout
 
 
-def test_ensemble_members_must_share_the_data(run):
+@pytest.mark.parametrize("field,value", [("image_size", 32), ("center_crop", 0.7)])
+def test_ensemble_members_must_share_the_data(run, field, value):
   config = run.config.copy_and_resolve_references()
-  config.image_size = 32
-  with pytest.raises(config_lib.ConfigError, match="ensemble members differ in config.image_size"):
+  config[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f"ensemble members differ in config.{field}"):
     inference.Ensemble([run, dataclasses.replace(run, config=config)])
 
 
