@@ -21,7 +21,7 @@ setuptools.setup(
     "array-record>=0.8.1",
     "numpy>=1.26",
     "pillow>=10.0",
-    "scikit-learn>=1.4",
+    "scikit-learn>=1.7",  # brier_score_loss(labels=...)
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",

@@ -1,4 +1,5 @@
-"""The study's CXR setup: its Keras CNN at 224x224, 20 epochs, Adam, on our patient-wise split."""
+"""The study's CXR setup on our patient-wise split: as `ct_study.py` (its Keras CNN at 224x224,
+20 epochs, Keras' Adam, no augmentation)."""
 
 from configs import ct_study, cxr
 

@@ -3,7 +3,7 @@
 import os
 
 # XLA:CPU flags measured to speed up this codebase's train steps (scripts/benchmark.py; README,
-# "Performance"): YNNPACK for dots and convolutions, 2.6x the default on the study's CNN. They only
+# "Performance"): YNNPACK's dot fusion, 2.6x the default on the study's CNN. They only
 # touch the CPU backend, and must be set before JAX starts a backend, hence here. A flag already in
 # XLA_FLAGS wins; COVID_FLAX_XLA_DEFAULTS=0 turns this off.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from covid_flax import config_lib
+from covid_flax import config_lib, parallel
 
 VAL_METRIC = "val_auc"
 
@@ -152,6 +152,7 @@ def restore_latest_usable(
         os.rename(epath.Path(manager.directory) / str(b), target)
         logging.warning("Moved unusable checkpoint step %d to %s", b, target)
     if bad:
+      parallel.sync_processes("moved unusable checkpoints")
       manager.reload()
     return step, state, data_iter
   if steps:
@@ -177,9 +178,16 @@ def load_saved_config(workdir: str, step: int | None = None) -> ml_collections.C
   return ml_collections.ConfigDict(restored.config)
 
 
+# What a run writes in its workdir; `config.overwrite` moves all of it aside together, so that no
+# old evaluation (its operating point, say) or log is taken for the new run's.
+RUN_OUTPUTS = ("checkpoints", "corrupt_checkpoints", "eval", "metrics.jsonl", "tensorboard",
+               "train_summary.json")  # fmt: skip
+
+
 def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a run whose saved config differs in shape-changing fields; with
-  `config.overwrite` the old checkpoints are moved aside (never deleted) instead."""
+  """Refuses to resume a run whose saved config differs in fields that change the train state or
+  data order; with `config.overwrite` the old run's outputs are moved to `workdir/old-<time>/`
+  (never deleted) instead."""
   ckpt_dir = checkpoint_dir(workdir)
   if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     return
@@ -197,6 +205,10 @@ def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) ->
       "or pass --config.overwrite=True to move the old checkpoints aside and start over."
     )
   if jax.process_index() == 0:
-    aside = ckpt_dir.parent / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(ckpt_dir, aside)
-    logging.warning("config.overwrite: moved the old run's checkpoints (%s) to %s", listing, aside)
+    aside = ckpt_dir.parent / f"old-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for name in RUN_OUTPUTS:
+      if (ckpt_dir.parent / name).exists():
+        os.rename(ckpt_dir.parent / name, aside / name)
+    logging.warning("config.overwrite: moved the old run (%s) to %s", listing, aside)
+  parallel.sync_processes("overwrite moved the old run")

@@ -8,8 +8,11 @@ import ml_collections
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
-# Fields that make a checkpoint unusable by a run with other values (shapes or data change).
-INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "dataset", "half_precision")
+# Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
+# structure change (the optimizer's state, clipping on or off), or the data it was trained on and
+# the meaning of its step and data-iterator position (batch size).
+INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "dataset", "half_precision",
+                       "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.
@@ -132,6 +135,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.{field}={config[field]} is not divisible by the {devices} devices; "
         f"use a multiple of {devices}"
       )
+  validate_distributed(config)
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+  """The multi-process fields, checked before `jax.distributed` starts (no devices needed)."""
   if config.coordinator_address and not (
     config.num_processes > 0 and 0 <= config.process_id < config.num_processes
   ):
@@ -144,11 +152,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def incompatible_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{field: (saved value, new value)} for fields that make a saved run unusable by `config`."""
-  return {
+  diff = {
     f: (saved.get(f), config[f])
     for f in INCOMPATIBLE_FIELDS
     if f in saved and saved.get(f) != config[f]
   }
+  if "grad_clip_norm" in saved and (saved["grad_clip_norm"] > 0) != (config.grad_clip_norm > 0):
+    diff["grad_clip_norm"] = (saved["grad_clip_norm"], config.grad_clip_norm)
+  return diff
 
 
 def with_added_fields(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -94,8 +93,6 @@ def evaluate(
                  threshold_chosen_on=point["chosen_on"])  # fmt: skip
   results.update(run.describe())
   out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
-  if jax.process_index() != 0:
-    return out_dir
   tmp = os.path.join(run.workdir, "eval", f".{name}-{run.tag}.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

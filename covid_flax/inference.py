@@ -20,6 +20,7 @@ from covid_flax.datasets import common, image_io
 # Fields of the run's saved config that a `--config` given to evaluation may change: where the data
 # lives, and evaluation-only options.
 EVAL_FIELDS = ("data_dir", "manual_dir", "eval_batch_size", "progress_bar", "tta_hflip")
+_DATA_PATHS = ("data_dir", "manual_dir")
 
 
 @dataclasses.dataclass
@@ -127,8 +128,9 @@ def load_run(
   strict: bool = True,
 ) -> Run:
   """Restores `checkpoint` ('best', 'latest' or a step) of `workdir` with its saved config. A
-  `config` given here may only change EVAL_FIELDS (data paths, eval batch size, test-time flips);
-  with `strict=False` its other fields are ignored instead of checked (ensemble members)."""
+  `config` given here may only change EVAL_FIELDS (data paths where non-empty, eval batch size,
+  test-time flips); with `strict=False` its other fields are ignored instead of checked (ensemble
+  members)."""
   if not os.path.isdir(workdir):
     raise checkpointing.CheckpointError(f"workdir {workdir} does not exist")
   manager = checkpointing.create_manager(workdir, read_only=True)
@@ -151,7 +153,8 @@ def load_run(
   if config is not None:
     saved = saved.copy_and_resolve_references()
     for k in EVAL_FIELDS:
-      saved[k] = config[k]
+      if config[k] or k not in _DATA_PATHS:  # An empty path keeps the run's own.
+        saved[k] = config[k]
   mesh = parallel.create_mesh()
   graphdef, abstract = train.abstract_train_state(saved, mesh)
   try:

@@ -3,7 +3,7 @@
 Images are decoded and resized once per run (the datasets are small) and kept as uint8. For
 training the whole cache is placed on every device once (`device_cache`); grain then shuffles,
 batches and shards *indices* per process, and the train step gathers its images on the device,
-augments and normalises them there (`train.augment`). The host moves a few bytes per step.
+augments and normalises them there (`preprocess.augmented_batch`). The host moves a few bytes per step.
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ from absl import logging
 from PIL import Image
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
-from covid_flax import config_lib
+from covid_flax import config_lib, parallel
 from covid_flax.datasets import common
 
 
@@ -45,11 +45,27 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     )
   except tfds.core.registered.DatasetNotFoundError as e:
     raise config_lib.ConfigError(f"config.dataset={config.dataset!r} is unknown: {e}") from e
-  if not builder.is_prepared():
-    logging.info("Preparing %s into %s", config.dataset, builder.data_dir)
-    download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
-    builder.download_and_prepare(download_config=download_config)
+  except ValueError as e:  # A known dataset with an unknown builder config ("covid_ct/foo").
+    raise config_lib.ConfigError(f"config.dataset={config.dataset!r}: {e}") from e
+  # Process 0 prepares first; the others then find it done (shared file system) or prepare their
+  # own copy. Two preparations racing for one folder leave one of them failing on the rename.
+  if jax.process_index() == 0:
+    _prepare(builder, config)
+  parallel.sync_processes(f"prepared {config.dataset}")
+  _prepare(builder, config)
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
+  if builder.is_prepared():
+    return
+  logging.info("Preparing %s into %s", config.dataset, builder.data_dir)
+  download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except OSError:
+    if not builder.is_prepared():  # Not another process having finished it first.
+      raise
 
 
 def resize(image: np.ndarray, size: int, center_crop: float = 1.0) -> np.ndarray:
@@ -69,8 +85,9 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
   """Decodes and resizes every image of `split` once, in parallel threads (PIL drops the GIL)."""
   builder = get_builder(config)
   if split not in builder.info.splits:
-    raise ValueError(
-      f"split {split!r} is not in {config.dataset}; it has {sorted(builder.info.splits)}"
+    raise config_lib.ConfigError(
+      f"split {split!r} (config.train_split, config.eval_split or --split) is not in "
+      f"{config.dataset}; it has {sorted(builder.info.splits)}"
     )
   source = tfds.data_source(
     config.dataset, split=split, data_dir=config.data_dir or None, download=False
@@ -145,11 +162,11 @@ def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
 def eval_batches(
   data: SplitData, global_batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-  """(this process's rows of each global batch, the global batch's real-row mask), in order; the
-  last batch is padded. Every process yields the same batches, so the mask needs no communication."""
-  rows = _process_slice(global_batch_size)
+  """(each whole global batch, its real-row mask), in order; the last batch is padded. Every
+  process holds the split and yields the same batches (for `parallel.global_batch_from_whole`), so
+  outputs come back in this order on any mesh and the mask needs no communication."""
   n = len(data)
   for start in range(0, n, global_batch_size):
     global_idx = np.arange(start, start + global_batch_size)
-    idx = np.where(global_idx < n, global_idx, 0)[rows]
+    idx = np.where(global_idx < n, global_idx, 0)
     yield {"image": data.images[idx], "label": data.labels[idx]}, global_idx < n

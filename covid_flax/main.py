@@ -30,9 +30,9 @@ def run(entry: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str])
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metric_writers.quiet_library_logs()
-  parallel.initialize_distributed(FLAGS.config)
   logging.info("Config:\n%s", FLAGS.config)
   try:
+    parallel.initialize_distributed(FLAGS.config)
     entry(FLAGS.config, FLAGS.workdir)
   except USER_ERRORS as e:
     sys.exit(f"error: {e}")

@@ -44,11 +44,6 @@ class MetricWriter:
       self._jsonl.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 class _DropLibraryInfo(pylogging.Filter):
   """Keeps warnings and errors, and info from covid_flax; Orbax logs every save step at info."""
 
@@ -102,7 +97,6 @@ def write_train_summary(
   with open(path, "w") as f:
     json.dump(summary, f, indent=2)
   if val_summary:
-    auc = val_summary["auc"]
-    print(f"Final {config.eval_split}: accuracy {val_summary['accuracy']:.4f}, sensitivity "
-          f"{val_summary['sensitivity']:.4f}, specificity {val_summary['specificity']:.4f}, "
-          f"AUC {'n/a' if auc is None else f'{auc:.4f}'}")  # fmt: skip
+    shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in val_summary.items()}
+    print(f"Final {config.eval_split}: accuracy {shown['accuracy']}, sensitivity "
+          f"{shown['sensitivity']}, specificity {shown['specificity']}, AUC {shown['auc']}")  # fmt: skip

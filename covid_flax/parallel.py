@@ -10,6 +10,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from covid_flax import config_lib
+
 DATA_AXIS = "data"
 
 _CLUSTER_ENV_VARS = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -28,13 +30,14 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   if jax.distributed.is_initialized():
     return
+  config_lib.validate_distributed(config)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = dict(
     initialization_timeout=config.distributed_timeout_s,
     heartbeat_timeout_seconds=config.distributed_timeout_s,
   )
   if explicit:
-    kwargs = dict(
+    kwargs.update(
       coordinator_address=config.coordinator_address,
       num_processes=config.num_processes,
       process_id=config.process_id,
@@ -72,8 +75,27 @@ def global_batch(
   }
 
 
+def global_batch_from_whole(
+  mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]
+) -> dict[str, jax.Array]:
+  """Global arrays sharded along `data` from a whole global batch that every process holds: each
+  device takes its own rows, in whatever order the mesh lists the devices of the processes."""
+  sharding = batch_sharded(mesh)
+  return {
+    k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+    for k, v in batch.items()
+  }
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """A global array, whole, on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (nothing to do with one process): for work that
+  process 0 does on shared files (preparing a dataset, moving checkpoints) before the others read."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

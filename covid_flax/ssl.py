@@ -245,7 +245,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
       pending.append(metrics)
       done = step + 1
       end_of_epoch = done % steps_per_epoch == 0
-      if done % config.log_every_steps == 0 or end_of_epoch:
+      log_due = done % config.log_every_steps == 0 or end_of_epoch
+      signum = stop.agreed(at_sync_point=log_due) if done < total_steps else None
+      if log_due or signum is not None:  # Every step is checked before a save.
         fetched, pending = jax.device_get(pending), []
         if not all(m["finite"] for m in fetched):
           raise train.NonFiniteLossError(
@@ -259,13 +261,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
         writer.write(done, "pretrain", summary, epoch=done // steps_per_epoch)
         bar.set_postfix(loss=f"{summary['loss']:.4f}", pos_top1=f"{summary['accuracy']:.3f}")
       bar.update(1)
-      if end_of_epoch or (stop.signum is not None and done < total_steps):
+      if end_of_epoch or signum is not None:
         checkpointing.save(manager, done, state, data_iter.get_state(), config)
         metric_writers.trim_host_memory()
       writer.flush()
-      if stop.signum is not None and done < total_steps:
+      if signum is not None:
         bar.close()
-        checkpointing.exit_after_signal(manager, stop.signum, done)
+        checkpointing.exit_after_signal(manager, signum, done)
     bar.close()
     checkpointing.wait(manager)
     writer.close()

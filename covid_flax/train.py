@@ -240,7 +240,7 @@ def predict_split(
   dispatched without waiting; outputs come to the host once, at the end."""
   outputs, masks = [], []
   for batch, global_mask in input_pipeline.eval_batches(data, batch_size):
-    outputs.append(p_eval(state, parallel.global_batch(mesh, batch)))
+    outputs.append(p_eval(state, parallel.global_batch_from_whole(mesh, batch)))
     masks.append(global_mask)
   probs = np.concatenate([parallel.to_host(p)[m] for (p, _), m in zip(outputs, masks)])
   losses = np.concatenate([parallel.to_host(loss)[m] for (_, loss), m in zip(outputs, masks)])
@@ -300,14 +300,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       steps_since_log += 1
       done = step + 1
       end_of_epoch = done % steps_per_epoch == 0
-      if done % config.log_every_steps == 0 or end_of_epoch or done == total_steps:
+      log_due = done % config.log_every_steps == 0 or end_of_epoch
+      signum = stop.agreed(at_sync_point=log_due) if done < total_steps else None
+      save_due = (
+        end_of_epoch
+        or signum is not None
+        or bool(config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0)
+      )
+      if log_due or save_due:  # Every step is checked for non-finite values before a save.
         fetched = jax.device_get(pending)  # The only host sync of the train metrics.
         pending = []
         bad = [m for m in fetched if not m["finite"]]
         if bad and config.nan_policy == "stop":
           raise NonFiniteLossError(
-            f"non-finite loss or gradient (loss={bad[0]['loss']}) between steps "
-            f"{done - len(fetched) + 1} and {done}; the last good checkpoint is kept in "
+            f"non-finite loss or gradient (loss={bad[0]['loss']}) "
+            + (
+              f"at step {done}"
+              if len(fetched) == 1
+              else f"between steps {done - len(fetched) + 1} and {done}"
+            )
+            + f"; the last good checkpoint is kept in "
             f"{checkpointing.checkpoint_dir(workdir)}"
           )
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
@@ -328,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         bar.set_description(f"epoch {epoch}/{config.num_epochs}")
         bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
       bar.update(1)
-      saved = False
       if end_of_epoch:
         probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
         val_summary = summarize(val_data.labels, probs, losses)
@@ -336,17 +347,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
         checkpointing.save(manager, done, state, data_iter.get_state(), config,
                            {checkpointing.VAL_METRIC: auc})  # fmt: skip
-        saved = True
         metric_writers.trim_host_memory()
-      elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+      elif save_due:
         checkpointing.save(manager, done, state, data_iter.get_state(), config)
-        saved = True
       writer.flush()
-      if stop.signum is not None and done < total_steps:
-        if not saved:
-          checkpointing.save(manager, done, state, data_iter.get_state(), config)
+      if signum is not None:
         bar.close()
-        checkpointing.exit_after_signal(manager, stop.signum, done)
+        checkpointing.exit_after_signal(manager, signum, done)
     bar.close()
     checkpointing.wait(manager)
     writer.close()

@@ -77,3 +77,43 @@ def test_a_cropped_run_cannot_resume_uncropped():
   config = synthetic.get_config()
   config.center_crop = 0.7
   assert config_lib.incompatible_fields(saved, config) == {"center_crop": (1.0, 0.7)}
+
+
+@pytest.mark.parametrize(
+  "field,saved,now",
+  [("optimizer", "adamw", "sgd"), ("batch_size", 32, 64), ("grad_clip_norm", 0.0, 1.0)],
+)
+def test_fields_that_change_the_train_state_block_resume(field, saved, now):
+  """Another optimizer or clipping on/off changes the optimizer state's structure (Orbax would
+  call every checkpoint unusable); another batch size changes what a step and the data position
+  mean."""
+  config = synthetic.get_config()
+  config[field] = saved
+  saved_config = config.to_dict()
+  config[field] = now
+  assert config_lib.incompatible_fields(saved_config, config) == {field: (saved, now)}
+
+
+def test_clipping_at_another_norm_can_resume():
+  config = synthetic.get_config()
+  config.grad_clip_norm = 1.0
+  saved_config = config.to_dict()
+  config.grad_clip_norm = 3.0
+  assert config_lib.incompatible_fields(saved_config, config) == {}
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    ({"eval_split": "validation"}, r"split 'validation' \(config.train_split"),
+    ({"dataset": "covid_synthetic/nope"}, r"config.dataset='covid_synthetic/nope'"),
+  ],
+)
+def test_bad_split_or_builder_config_is_named(synthetic_data_dir, tmp_path, overrides, message):
+  from conftest import tiny_config
+
+  from covid_flax import train
+
+  config = tiny_config(synthetic_data_dir, **overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

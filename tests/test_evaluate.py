@@ -247,7 +247,9 @@ def test_ensemble_members_must_share_the_data(run, field, value):
 
 def test_test_time_flips_are_an_evaluation_option(run, trained_workdir, synthetic_data_dir):
   config = tiny_config(synthetic_data_dir, tta_hflip=True)
+  config.data_dir = ""  # An empty path in --config keeps the run's own data location.
   flipped = inference.load_run(trained_workdir, "best", config)
+  assert flipped.config.data_dir == synthetic_data_dir
   assert flipped.tag == f"{run.step}-tta" and run.tag == str(run.step)
   val = input_pipeline.load_split(run.config, "val")
   mirrored = dataclasses.replace(val, images=val.images[:, :, ::-1].copy())

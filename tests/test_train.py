@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO_ROOT, fill_disk, tiny_config
 
-from covid_flax import checkpointing, config_lib, metric_writers, train
+from covid_flax import checkpointing, config_lib, metric_writers, plots, train
 
 
 def _main_cmd(workdir, data_dir, *extra):
@@ -53,7 +54,7 @@ def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(synthetic_data_dir, model="seed_cnn", learning_rate=1e-3, dropout_rate=0.0)
   train.train_and_evaluate(config, workdir)
-  records = metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = plots.load_jsonl(os.path.join(workdir, "metrics.jsonl"))
   train_losses = [r["loss"] for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   assert len(val) == 2 and train_losses[-1] < train_losses[0]
@@ -124,13 +125,36 @@ def test_incompatible_workdir_is_refused(synthetic_data_dir, tmp_path):
     train.train_and_evaluate(other, workdir)
   other.overwrite = True
   train.train_and_evaluate(other, workdir)
-  assert any(p.startswith("checkpoints.old-") for p in os.listdir(workdir))
+  (aside,) = [p for p in os.listdir(workdir) if p.startswith("old-")]
+  # The old run's evaluation and logs went with its checkpoints: nothing of it is taken as new.
+  assert {"checkpoints", "metrics.jsonl", "train_summary.json"} <= set(
+    os.listdir(f"{workdir}/{aside}")
+  )
+  assert len(plots.load_jsonl(f"{workdir}/metrics.jsonl")) == len(
+    plots.load_jsonl(f"{workdir}/{aside}/metrics.jsonl")
+  )
 
 
 def test_nan_loss_stops_with_step(synthetic_data_dir, tmp_path):
   config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0)
   with pytest.raises(train.NonFiniteLossError, match="non-finite loss"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_no_checkpoint_is_saved_after_a_non_finite_step(synthetic_data_dir, tmp_path):
+  """Checkpoints every step, metrics logged rarely: each save must still check the steps since the
+  last check, or a NaN state is saved and every restart restores it."""
+  import jax
+
+  config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0,
+                       checkpoint_every_steps=1, log_every_steps=1000, keep_checkpoints=100)  # fmt: skip
+  workdir = tmp_path / "run"
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+);") as e:
+    train.train_and_evaluate(config, str(workdir))
+  first_bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) < first_bad  # (The last save may still be in flight at the error.)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(workdir)[1]["params"]))
 
 
 def _garble(step_dir: Path) -> None:
