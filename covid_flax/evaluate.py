@@ -44,6 +44,8 @@ flags.DEFINE_string(
 )
 flags.DEFINE_list("ensemble", [], "More workdirs (same data) to average with --workdir's run; "
                   "each uses its --checkpoint.")  # fmt: skip
+flags.DEFINE_bool("tta_hflip", None, "Average each prediction with its mirror image's (outputs "
+                  "tagged <step>-tta); default: the run's config.tta_hflip.")  # fmt: skip
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the CIs.")
 flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP, FP, FN).")
 flags.mark_flags_as_required(["workdir"])
@@ -145,9 +147,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metric_writers.quiet_library_logs()
   try:
-    run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+    config = FLAGS.config
+    if FLAGS.tta_hflip is not None:
+      config = config or config_lib.with_added_fields(
+        checkpointing.load_saved_config(FLAGS.workdir)
+      )
+      config = config.copy_and_resolve_references()
+      config.tta_hflip = FLAGS.tta_hflip
+    run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint, config)
     if FLAGS.ensemble:
-      others = [inference.load_run(w, FLAGS.checkpoint, FLAGS.config, strict=False)
+      others = [inference.load_run(w, FLAGS.checkpoint, config, strict=False)
                 for w in FLAGS.ensemble]  # fmt: skip
       run = inference.Ensemble([run, *others])
     if FLAGS.images_dir:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -187,7 +188,7 @@ def pretrain_step(
   grads = jax.lax.pmean(grads, DATA_AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, DATA_AXIS)
-  metrics["finite"] = jnp.isfinite(metrics["loss"])
+  metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
   new_state = state.replace(
     step=state.step + 1,
     params=optax.apply_updates(state.params, updates),
@@ -232,8 +233,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, track_best=False)
   restored = checkpointing.restore_latest_usable(manager, train.abstract_like(state))
   if restored:
-    _, state, iter_state = restored
+    step, state, iter_state = restored
     data_iter.set_state(iter_state)
+    logging.info("Resumed pretraining from checkpoint step %d in %s", step, workdir)
   writer = metric_writers.MetricWriter(workdir)
   start_step, pending = int(state.step), []
   is_chief = jax.process_index() == 0
@@ -251,7 +253,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
         fetched, pending = jax.device_get(pending), []
         if not all(m["finite"] for m in fetched):
           raise train.NonFiniteLossError(
-            f"non-finite contrastive loss before step {done}; the last good checkpoint is kept in "
+            f"non-finite contrastive loss or gradient before step {done}; the last good "
+            f"checkpoint is kept in "
             f"{checkpointing.checkpoint_dir(workdir)}"
           )
         summary = {

@@ -79,3 +79,35 @@ def fill_disk(disk: Path):
     yield
   finally:
     os.remove(filler)
+
+
+def smooth_image(seed: int, size=(64, 48)):
+  """A random low-frequency 'L' image: hashes are stable under rescaling, distinct per seed."""
+  import numpy as np
+  from PIL import Image
+
+  small = np.random.default_rng(seed).integers(0, 256, (6, 8), dtype=np.uint8)
+  return Image.fromarray(small, "L").resize(size, Image.Resampling.BICUBIC)
+
+
+def assert_nothing_prepared(data_dir: Path, dataset: str, config: str | None = None) -> None:
+  """No prepared (or half-prepared) copy of `dataset` in data_dir, and TFDS agrees."""
+  import tensorflow_datasets as tfds
+
+  assert not list(data_dir.glob(f"{dataset}/{config or '*'}/1.0.0"))
+  assert not list(data_dir.glob(f"{dataset}/*/incomplete*"))
+  name = f"{dataset}/{config}" if config else dataset
+  assert not tfds.builder(name, data_dir=data_dir).is_prepared()
+  with pytest.raises(KeyError, match="has not been generated"):
+    tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+
+
+def data_mesh(n: int):
+  """A 1-D `data` mesh over the first n (fake CPU) devices."""
+  import jax
+  import numpy as np
+
+  from covid_flax import parallel
+
+  return jax.sharding.Mesh(np.array(jax.devices()[:n]), (parallel.DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip

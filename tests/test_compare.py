@@ -29,7 +29,7 @@ def _fake_workdir(root, name, separation, seed, step=300, summary=None, n_patien
   workdir = root / name
   eval_dir = workdir / "eval" / f"test-{step}"
   eval_dir.mkdir(parents=True)
-  (workdir / "eval" / "test-20").mkdir()  # Older, without results: must be ignored.
+  (workdir / "eval" / "test-99999").mkdir()  # Newer but without results: must be ignored.
   threshold = metrics.choose_threshold(labels, probs, 0.9)
   results = metrics.evaluate_at_thresholds(labels, probs, pids, threshold, 0.9, n_resamples=200)
   (eval_dir / "metrics.json").write_text(json.dumps(results))

@@ -53,16 +53,6 @@ def test_coordinator_needs_process_count():
     config_lib.validate(config)
 
 
-def test_batch_larger_than_dataset(synthetic_data_dir, tmp_path):
-  from conftest import tiny_config
-
-  from covid_flax import train
-
-  config = tiny_config(synthetic_data_dir, batch_size=8000)
-  with pytest.raises(config_lib.ConfigError, match="config.batch_size=8000 is larger than"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-
-
 def test_runs_saved_before_a_field_existed_get_its_neutral_value():
   config = synthetic.get_config()
   for field in config_lib.ADDED_FIELDS:

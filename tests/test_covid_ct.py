@@ -12,6 +12,7 @@ import numpy as np
 import openpyxl
 import pytest
 import tensorflow_datasets as tfds
+from conftest import assert_nothing_prepared, smooth_image
 from PIL import Image
 
 from covid_flax.datasets import audit, common, covid_ct, image_io
@@ -21,12 +22,6 @@ from covid_flax.datasets.common import DatasetError
 @pytest.fixture(autouse=True)
 def _no_download(monkeypatch):
   monkeypatch.setenv(common.NO_DOWNLOAD_ENV, "1")
-
-
-def smooth_image(seed: int, size=(64, 48)) -> Image.Image:
-  """A random low-frequency 'L' image: hashes are stable under rescaling, distinct per seed."""
-  small = np.random.default_rng(seed).integers(0, 256, (6, 8), dtype=np.uint8)
-  return Image.fromarray(small, "L").resize(size, Image.Resampling.BICUBIC)
 
 
 def png_bomb(path: Path, width: int = 40000, height: int = 40000) -> None:
@@ -236,14 +231,6 @@ def test_zipped_images_and_determinism(ct_tree, built_keep, tmp_path):
     assert (Path(builder.data_path) / path.name).read_bytes() == path.read_bytes()
 
 
-def _assert_nothing_prepared(data_dir: Path, config: str = "exclude_duplicates") -> None:
-  assert not (data_dir / "covid_ct" / config / "1.0.0").exists()
-  assert not list(data_dir.glob("covid_ct/*/incomplete*"))
-  assert not tfds.builder(f"covid_ct/{config}", data_dir=data_dir).is_prepared()
-  with pytest.raises(KeyError, match="has not been generated"):
-    tfds.data_source(f"covid_ct/{config}", split="train", data_dir=data_dir, download=False)
-
-
 def _append_to_list(root: Path, list_name: str, name: str) -> None:
   path = next((root / "Data-split").glob(f"*/{list_name}"))
   path.write_bytes(path.read_bytes().rstrip() + b"\r\n" + name.encode())
@@ -298,7 +285,7 @@ def test_bad_input_stops_the_build_and_names_it(case, ct_tree, tmp_path):
   mutate(manual / "COVID-CT")
   with pytest.raises(DatasetError, match=named.replace(".", r"\.")):
     build(manual, tmp_path / "data")
-  _assert_nothing_prepared(tmp_path / "data")
+  assert_nothing_prepared(tmp_path / "data", "covid_ct", "exclude_duplicates")
 
 
 def test_failure_while_writing_leaves_no_dataset(ct_tree, tmp_path, monkeypatch):
@@ -313,7 +300,7 @@ def test_failure_while_writing_leaves_no_dataset(ct_tree, tmp_path, monkeypatch)
   monkeypatch.setattr(image_io, "encode_png", failing_encode)
   with pytest.raises(DatasetError, match="disk trouble"):
     build(ct_tree, tmp_path)
-  _assert_nothing_prepared(tmp_path)
+  assert_nothing_prepared(tmp_path, "covid_ct", "exclude_duplicates")
 
 
 def test_no_data_says_what_to_download_and_which_flag(tmp_path):
@@ -329,7 +316,7 @@ def test_no_data_says_what_to_download_and_which_flag(tmp_path):
     str(tmp_path / "manual"),
   ):
     assert needle in message
-  _assert_nothing_prepared(tmp_path / "data")
+  assert_nothing_prepared(tmp_path / "data", "covid_ct", "exclude_duplicates")
 
 
 def test_read_split_list_handles_crlf_and_no_final_newline(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import assert_nothing_prepared, smooth_image
 from PIL import Image
 
 from covid_flax.datasets import audit, common, covid_cxr
@@ -64,11 +65,6 @@ def pick(split: str, fmt: str, skip: int = 0) -> str:
   """The (skip+1)-th id fmt.format(i) that the rule puts in `split`."""
   ids = (fmt.format(i) for i in range(1000))
   return [p for p in ids if documented_split(p) == split][skip]
-
-
-def smooth_image(seed: int, size=(64, 48)) -> Image.Image:
-  small = np.random.default_rng(seed).integers(0, 256, (6, 8), dtype=np.uint8)
-  return Image.fromarray(small, "L").resize(size, Image.Resampling.BICUBIC)
 
 
 # Patients: a COVID patient in train with two images, whose first image reappears (rescaled) under
@@ -264,15 +260,6 @@ def test_only_present_normal_folders_are_needed(tmp_path):
   assert not any(k.startswith("chest_xray/val") for s in splits.values() for k in s)
 
 
-def _assert_nothing_prepared(data_dir: Path) -> None:
-  assert not list(data_dir.glob("covid_cxr/*/1.0.0")) and not list(
-    data_dir.glob("covid_cxr/*/incomplete*")
-  )
-  assert not tfds.builder("covid_cxr", data_dir=data_dir).is_prepared()
-  with pytest.raises(KeyError, match="has not been generated"):
-    tfds.data_source("covid_cxr", split="train", data_dir=data_dir, download=False)
-
-
 def _drop_present_covid(root: Path) -> None:
   for path in (root / "covid-chestxray-dataset/images").iterdir():
     if path.name not in ("nofinding.jpg", "ct.png", "lateral.png", "sars.png"):
@@ -316,7 +303,7 @@ def test_bad_input_stops_the_build_and_names_it(case, tree, tmp_path):
   mutate(manual)
   with pytest.raises(DatasetError, match=message.replace(".", r"\.")):
     build(manual, tmp_path / "data")
-  _assert_nothing_prepared(tmp_path / "data")
+  assert_nothing_prepared(tmp_path / "data", "covid_cxr")
 
 
 def test_no_data_says_what_to_download_and_which_flag(tmp_path):
@@ -331,7 +318,7 @@ def test_no_data_says_what_to_download_and_which_flag(tmp_path):
     "--config.manual_dir=DIR",
   ):
     assert needle in message
-  _assert_nothing_prepared(tmp_path / "data")
+  assert_nothing_prepared(tmp_path / "data", "covid_cxr")
 
 
 def test_covid_part_downloads_without_network(tree, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ def test_max_pool_matches_nnx_values_and_gradients(window, stride, shape):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_maps_images_to_logits_and_features_to_head(name):
   model = models.create_model(name, image_size=64, rngs=nnx.Rngs(0))
-  x = jnp.zeros((2, 64, 64, 1))
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 1))  # Zeros would map to zero logits.
   logits = model(x)
   assert logits.shape == (2, 2) and logits.dtype == jnp.float32
   np.testing.assert_allclose(model.head(model.features(x)), logits, rtol=1e-6)

@@ -90,14 +90,11 @@ def test_lost_process_fails_fast(env2, synthetic_data_dir, tmp_path):
   procs = launch_local.start(2, flags)
   _wait_for_checkpoint(workdir, procs)
   procs[1].send_signal(signal.SIGKILL)
-  killed_at = time.time()
-  try:
-    procs[0].wait(timeout=120)
+  try:  # config.distributed_timeout_s=15 bounds the wait (no hang until a job scheduler's limit).
+    procs[0].wait(timeout=TIMEOUT_S)
   finally:
     procs[0].kill()
   assert procs[0].returncode != 0
-  # config.distributed_timeout_s=15 bounds the heartbeat (JAX's default would be 100 s).
-  assert time.time() - killed_at < 60
 
 
 def _wait_for_checkpoint(workdir, procs):

@@ -3,15 +3,9 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
-from jax.sharding import Mesh
+from conftest import data_mesh, tiny_config
 
 from covid_flax import input_pipeline, parallel, train
-
-
-def _mesh(n: int) -> Mesh:
-  devices = np.array(jax.devices()[:n])
-  return Mesh(devices, (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _run(config, mesh, data, batches):
@@ -49,8 +43,8 @@ def test_eight_devices_match_one(model, recipe):
   for _ in range(3):
     index = rng.choice(40, 16, replace=False).astype(np.int32)
     batches.append({"index": index, "label": data.labels[index]})
-  losses1, state1, probs1 = _run(config, _mesh(1), data, batches)
-  losses8, state8, probs8 = _run(config, _mesh(8), data, batches)
+  losses1, state1, probs1 = _run(config, data_mesh(1), data, batches)
+  losses8, state8, probs8 = _run(config, data_mesh(8), data, batches)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   assert losses1[0] != losses1[-1]  # The steps did something.
   for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
@@ -76,7 +70,7 @@ def test_eval_batches_pad_and_mask():
 
 def test_tta_hflip_averages_with_the_mirror_image():
   config = tiny_config("", image_size=32)
-  mesh = _mesh(8)
+  mesh = data_mesh(8)
   tx = train.create_optimizer(config, 10, 100)
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))

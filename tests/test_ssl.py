@@ -7,17 +7,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, fill_disk, tiny_config
+from conftest import REPO_ROOT, data_mesh, fill_disk, tiny_config
 from flax import nnx
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from covid_flax import config_lib, input_pipeline, parallel, ssl, train
-
-
-def _mesh(n: int) -> Mesh:
-  return Mesh(np.array(jax.devices()[:n]), (parallel.DATA_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip
 
 
 def _reference_nt_xent(z1, z2, temperature):
@@ -40,7 +34,7 @@ def test_nt_xent_matches_reference_on_any_mesh(devices):
   z2 /= np.linalg.norm(z2, axis=1, keepdims=True)
   loss_fn = jax.shard_map(
     lambda a, b: jax.lax.pmean(ssl.nt_xent(a, b, 0.5), parallel.DATA_AXIS),
-    mesh=_mesh(devices),
+    mesh=data_mesh(devices),
     in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
     out_specs=P(),
   )
@@ -75,8 +69,8 @@ def test_pretrain_step_eight_devices_match_one():
   )
   batches = [{"index": rng.choice(32, 16, replace=False).astype(np.int32),
               "label": np.zeros(16, np.int32)} for _ in range(3)]  # fmt: skip
-  losses1, state1 = _pretrain_steps(config, _mesh(1), data, batches)
-  losses8, state8 = _pretrain_steps(config, _mesh(8), data, batches)
+  losses1, state1 = _pretrain_steps(config, data_mesh(1), data, batches)
+  losses8, state8 = _pretrain_steps(config, data_mesh(8), data, batches)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   assert losses1[0] != losses1[-1]
   for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):

@@ -84,6 +84,7 @@ def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  assert first.exists(), "killed before the first checkpoint: the rerun would not resume"
   assert not (resumed / "checkpoints" / str(final_step)).exists()
   subprocess.run(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
                  capture_output=True)  # fmt: skip
@@ -97,24 +98,31 @@ def test_sigterm_saves_and_resume_message(synthetic_data_dir, tmp_path):
   proc = subprocess.Popen(_main_cmd(workdir, synthetic_data_dir, "--config.num_epochs=50"),
                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)  # fmt: skip
-  first_ckpt = workdir / "checkpoints"
+  ckpt = workdir / "checkpoints"
   deadline = time.time() + 300
-  while not (first_ckpt.exists() and any(p.name.isdigit() for p in first_ckpt.iterdir())):
+  while not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.05)
+  before = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+  stopped_at = int(re.search(r"Stopped by signal 15 at step (\d+)", out).group(1))
   assert "Run the same command to resume" in out
+  saved = {int(p.name) for p in ckpt.iterdir() if p.name.isdigit()}
+  assert stopped_at in saved and stopped_at > before  # The step it stopped at is on disk.
 
 
-def test_rerun_after_completion_resumes_not_restarts(synthetic_data_dir, tmp_path):
+def test_rerun_after_completion_resumes_not_restarts(synthetic_data_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   config = tiny_config(synthetic_data_dir, num_epochs=1)
   first = train.train_and_evaluate(config, workdir)
+  logged = plots.load_jsonl(f"{workdir}/metrics.jsonl")
   again = train.train_and_evaluate(config, workdir)
   assert int(again.step) == int(first.step)
   _assert_identical(first.params, again.params)
+  assert "is already complete" in capsys.readouterr().out
+  assert plots.load_jsonl(f"{workdir}/metrics.jsonl") == logged  # No step was trained again.
 
 
 def test_incompatible_workdir_is_refused(synthetic_data_dir, tmp_path):
@@ -206,9 +214,13 @@ def test_disk_full_while_saving(synthetic_data_dir, small_disk):
   config.num_epochs = 2
   with fill_disk(small_disk), pytest.raises(checkpointing.CheckpointError) as info:
     train.train_and_evaluate(config, str(workdir))
-  assert "No space left" in str(info.value) or "intact" in str(info.value)
+  on_disk = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert f"checkpoints {on_disk} are intact" in str(info.value)
+  first_epoch = plots.load_jsonl(f"{workdir}/metrics.jsonl")
   again = train.train_and_evaluate(config, str(workdir))  # Resumes from the intact checkpoint.
-  assert int(again.step) > 0
+  assert int(again.step) == 2 * on_disk[-1]
+  resumed = plots.load_jsonl(f"{workdir}/metrics.jsonl")[len(first_epoch) :]
+  assert min(r["step"] for r in resumed) > on_disk[-1]  # Epoch 1 was not trained again.
 
 
 def test_batch_larger_than_the_training_split_is_refused(synthetic_data_dir, tmp_path):
@@ -220,6 +232,7 @@ def test_batch_larger_than_the_training_split_is_refused(synthetic_data_dir, tmp
 def test_host_memory_trim_finds_glibc_on_linux():
   """The per-epoch trim must not silently become a no-op on Linux (glibc), where it keeps peak
   RSS flat; elsewhere it does nothing."""
-  if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-    assert metric_writers._libc_malloc_trim() is not None
+  if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+    pytest.skip("malloc_trim is glibc's; elsewhere the trim is a no-op by design")
+  assert metric_writers._libc_malloc_trim() is not None
   metric_writers.trim_host_memory()
