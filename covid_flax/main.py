@@ -11,12 +11,12 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_flax import checkpointing, config_lib, metric_writers, parallel, train
+from covid_flax import checkpointing, config_lib, loop, metric_writers, parallel, train
 from covid_flax.datasets import common
 
 # Errors that are the user's input at fault: one clear line, no traceback.
 USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError,
-               train.NonFiniteLossError)  # fmt: skip
+               loop.NonFiniteLossError)  # fmt: skip
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (a get_config()).", lock_config=True)

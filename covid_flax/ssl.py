@@ -20,14 +20,12 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from covid_flax import (
   checkpointing,
   config_lib,
   input_pipeline,
-  interrupts,
-  metric_writers,
+  loop,
   parallel,
   train,
 )
@@ -188,13 +186,17 @@ def pretrain_step(
   grads = jax.lax.pmean(grads, DATA_AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, DATA_AXIS)
-  metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+  metrics["finite"] = finite
   new_state = state.replace(
     step=state.step + 1,
     params=optax.apply_updates(state.params, updates),
     model_state=nnx.state(model, nnx.Not(nnx.Param)),
     opt_state=opt_state,
   )
+  if config.nan_policy == "skip":  # As in train_step: keep the old state, move on.
+    skipped = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
   return new_state, metrics
 
 
@@ -236,45 +238,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
     step, state, iter_state = restored
     data_iter.set_state(iter_state)
     logging.info("Resumed pretraining from checkpoint step %d in %s", step, workdir)
-  writer = metric_writers.MetricWriter(workdir)
-  start_step, pending = int(state.step), []
-  is_chief = jax.process_index() == 0
-  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=not (is_chief and config.progress_bar))  # fmt: skip
-  with checkpointing.disk_full_is_an_error(manager, workdir), interrupts.StopRequested() as stop:
-    for step in range(start_step, total_steps):
-      state, metrics = p_step(state, cache, parallel.global_batch(mesh, next(data_iter)))
-      pending.append(metrics)
-      done = step + 1
-      end_of_epoch = done % steps_per_epoch == 0
-      log_due = done % config.log_every_steps == 0 or end_of_epoch
-      signum = stop.agreed(at_sync_point=log_due) if done < total_steps else None
-      if log_due or signum is not None:  # Every step is checked before a save.
-        fetched, pending = jax.device_get(pending), []
-        if not all(m["finite"] for m in fetched):
-          raise train.NonFiniteLossError(
-            f"non-finite contrastive loss or gradient before step {done}; the last good "
-            f"checkpoint is kept in "
-            f"{checkpointing.checkpoint_dir(workdir)}"
-          )
-        summary = {
-          k: float(sum(m[k] for m in fetched) / len(fetched)) for k in ("loss", "accuracy")
-        }
-        summary["peak_rss_mib"] = metric_writers.peak_rss_mib()
-        writer.write(done, "pretrain", summary, epoch=done // steps_per_epoch)
-        bar.set_postfix(loss=f"{summary['loss']:.4f}", pos_top1=f"{summary['accuracy']:.3f}")
-      bar.update(1)
-      if end_of_epoch or signum is not None:
-        checkpointing.save(manager, done, state, data_iter.get_state(), config)
-        metric_writers.trim_host_memory()
-      writer.flush()
-      if signum is not None:
-        bar.close()
-        checkpointing.exit_after_signal(manager, signum, done)
-    bar.close()
-    checkpointing.wait(manager)
-    writer.close()
-  if is_chief:
+  state, _ = loop.run_steps(
+    config, workdir, manager, state, lambda state, batch: p_step(state, cache, batch), data_iter,
+    steps_per_epoch, log_split="pretrain",
+  )  # fmt: skip
+  if jax.process_index() == 0:
     print(f"Pretrained encoder in {workdir} (step {int(state.step)}). Fine-tune with: "
           f"python -m covid_flax.main --config=... --config.init_from={workdir} --workdir=...")  # fmt: skip
   return state

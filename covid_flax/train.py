@@ -1,8 +1,9 @@
-"""Training: state creation, per-device `train_step` / `eval_step`, and the loop.
+"""Training: state creation, per-device `train_step` / `eval_step`, and `train_and_evaluate`.
 
 The steps are written per device, as under `pmap`: gradients, metrics and BatchNorm statistics are
 averaged explicitly with `jax.lax.pmean` over the `data` axis. `jax.shard_map` runs them on a mesh
-of every device of every process, under `jax.jit`, with the state donated.
+of every device of every process, under `jax.jit`, with the state donated; `loop.run_steps` drives
+them (logging, checks, checkpoints, signals).
 """
 
 import functools
@@ -18,13 +19,12 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from covid_flax import (
   checkpointing,
   config_lib,
   input_pipeline,
-  interrupts,
+  loop,
   metric_writers,
   models,
   parallel,
@@ -43,10 +43,6 @@ class TrainState(flax.struct.PyTreeNode):
   model_state: nnx.State  # BatchNorm statistics: everything that is not a trained parameter.
   opt_state: optax.OptState
   rng: jax.Array  # Raw uint32 key data; per-step keys are folded in from it.
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -248,7 +244,13 @@ def predict_split(
 
 
 def summarize(labels: np.ndarray, probs: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
-  """Loss, and accuracy, sensitivity, specificity, ROC-AUC at threshold 0.5 (None if undefined)."""
+  """Loss, and accuracy, sensitivity, specificity, ROC-AUC at threshold 0.5 (None if undefined,
+  all None with a count if the model output non-finite probabilities)."""
+  bad = int(np.sum(~np.isfinite(probs)))
+  if bad:
+    logging.warning("%d of %d validation probabilities are not finite", bad, len(probs))
+    keys = ("loss", "auc", "accuracy", "sensitivity", "specificity")
+    return {**dict.fromkeys(keys), "non_finite_outputs": bad}
   point = compute_metrics(labels, probs, 0.5)
   summary = {"loss": float(losses.mean()), "auc": point["roc_auc"]}
   summary.update({k: point[k] for k in ("accuracy", "sensitivity", "specificity")})
@@ -281,82 +283,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     step, state, iter_state = restored
     data_iter.set_state(iter_state)
     logging.info("Resumed from checkpoint step %d in %s", step, workdir)
-  writer = metric_writers.MetricWriter(workdir)
   start_step = int(state.step)
   if is_chief:
     logging.info("%s: %d train / %d %s examples, %d devices, %d steps of %d",
                  config.dataset, len(train_data), len(val_data), config.eval_split,
                  jax.device_count(), total_steps, config.batch_size)  # fmt: skip
-  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=not (is_chief and config.progress_bar))  # fmt: skip
-  pending, val_summary = [], None
-  t_log, t_start, steps_since_log = time.perf_counter(), time.perf_counter(), 0
-  with checkpointing.disk_full_is_an_error(manager, workdir), interrupts.StopRequested() as stop:
-    for step in range(start_step, total_steps):
-      epoch = step // steps_per_epoch + 1
-      batch = parallel.global_batch(mesh, next(data_iter))
-      state, metrics = p_train(state, train_images, batch)
-      pending.append(metrics)
-      steps_since_log += 1
-      done = step + 1
-      end_of_epoch = done % steps_per_epoch == 0
-      log_due = done % config.log_every_steps == 0 or end_of_epoch
-      signum = stop.agreed(at_sync_point=log_due) if done < total_steps else None
-      save_due = (
-        end_of_epoch
-        or signum is not None
-        or bool(config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0)
-      )
-      if log_due or save_due:  # Every step is checked for non-finite values before a save.
-        fetched = jax.device_get(pending)  # The only host sync of the train metrics.
-        pending = []
-        bad = [m for m in fetched if not m["finite"]]
-        if bad and config.nan_policy == "stop":
-          raise NonFiniteLossError(
-            f"non-finite loss or gradient (loss={bad[0]['loss']}) "
-            + (
-              f"at step {done}"
-              if len(fetched) == 1
-              else f"between steps {done - len(fetched) + 1} and {done}"
-            )
-            + f"; the last good checkpoint is kept in "
-            f"{checkpointing.checkpoint_dir(workdir)}"
-          )
-        summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy")}
-        elapsed = time.perf_counter() - t_log
-        img_s = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-        t_log, steps_since_log = time.perf_counter(), 0
-        writer.write(
-          done,
-          "train",
-          {
-            **summary,
-            "img_per_s": img_s,
-            "peak_rss_mib": metric_writers.peak_rss_mib(),
-            "skipped": len(bad),
-          },
-          epoch=epoch,
-        )
-        bar.set_description(f"epoch {epoch}/{config.num_epochs}")
-        bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{img_s:.0f}")
-      bar.update(1)
-      if end_of_epoch:
-        probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
-        val_summary = summarize(val_data.labels, probs, losses)
-        writer.write(done, "val", val_summary, epoch=epoch)
-        auc = val_summary["auc"] if val_summary["auc"] is not None else val_summary["accuracy"]
-        checkpointing.save(manager, done, state, data_iter.get_state(), config,
-                           {checkpointing.VAL_METRIC: auc})  # fmt: skip
-        metric_writers.trim_host_memory()
-      elif save_due:
-        checkpointing.save(manager, done, state, data_iter.get_state(), config)
-      writer.flush()
-      if signum is not None:
-        bar.close()
-        checkpointing.exit_after_signal(manager, signum, done)
-    bar.close()
-    checkpointing.wait(manager)
-    writer.close()
+
+  def validate(state: TrainState, step: int, epoch: int):
+    probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
+    summary = summarize(val_data.labels, probs, losses)
+    auc = summary["auc"] if summary["auc"] is not None else summary["accuracy"]
+    return summary, {checkpointing.VAL_METRIC: -1.0 if auc is None else auc}  # -1: never the best.
+
+  t_start = time.perf_counter()
+  state, val_summary = loop.run_steps(
+    config, workdir, manager, state, lambda state, batch: p_train(state, train_images, batch),
+    data_iter, steps_per_epoch, on_epoch_end=validate,
+  )  # fmt: skip
   if is_chief and start_step < total_steps:
     metric_writers.write_train_summary(
       workdir, config, len(train_data), time.perf_counter() - t_start, val_summary

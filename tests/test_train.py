@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO_ROOT, fill_disk, tiny_config
 
-from covid_flax import checkpointing, config_lib, metric_writers, plots, train
+from covid_flax import checkpointing, config_lib, loop, metric_writers, plots, train
 
 
 def _main_cmd(workdir, data_dir, *extra):
@@ -145,8 +145,22 @@ def test_incompatible_workdir_is_refused(synthetic_data_dir, tmp_path):
 
 def test_nan_loss_stops_with_step(synthetic_data_dir, tmp_path):
   config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0)
-  with pytest.raises(train.NonFiniteLossError, match="non-finite loss"):
+  with pytest.raises(loop.NonFiniteLossError, match="non-finite loss"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_nan_policy_skip_keeps_the_state_and_counts_the_steps(synthetic_data_dir, tmp_path):
+  import jax
+
+  config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0,
+                       nan_policy="skip")  # fmt: skip
+  workdir = tmp_path / "run"
+  state = train.train_and_evaluate(config, str(workdir))
+  skipped = sum(
+    r["skipped"] for r in plots.load_jsonl(f"{workdir}/metrics.jsonl") if r["split"] == "train"
+  )
+  assert 0 < skipped < int(state.step)  # The first steps were finite, later ones were skipped.
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
 def test_no_checkpoint_is_saved_after_a_non_finite_step(synthetic_data_dir, tmp_path):
@@ -157,7 +171,7 @@ def test_no_checkpoint_is_saved_after_a_non_finite_step(synthetic_data_dir, tmp_
   config = tiny_config(synthetic_data_dir, num_epochs=1, learning_rate=1e30, grad_clip_norm=0.0,
                        checkpoint_every_steps=1, log_every_steps=1000, keep_checkpoints=100)  # fmt: skip
   workdir = tmp_path / "run"
-  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+);") as e:
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step (\d+);") as e:
     train.train_and_evaluate(config, str(workdir))
   first_bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
