@@ -11,7 +11,7 @@ setuptools.setup(
   install_requires=[
     "jax>=0.8,<0.12",
     "flax>=0.12,<0.14",
-    "optax>=0.2.4",
+    "optax>=0.2.5",  # optax.tree
     "orbax-checkpoint>=0.11.20,<0.13",
     "ml-collections>=0.1.1",
     "absl-py>=2.1",

@@ -186,7 +186,7 @@ def pretrain_step(
   grads = jax.lax.pmean(grads, DATA_AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, DATA_AXIS)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
   metrics["finite"] = finite
   new_state = state.replace(
     step=state.step + 1,
