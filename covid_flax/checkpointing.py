@@ -202,7 +202,7 @@ def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) ->
   if not config.overwrite:
     raise config_lib.ConfigError(
       f"{workdir} holds a run with an incompatible config ({listing}). Use another --workdir, "
-      "or pass --config.overwrite=True to move the old checkpoints aside and start over."
+      "or pass --config.overwrite=True to move the old run aside and start over."
     )
   if jax.process_index() == 0:
     aside = ckpt_dir.parent / f"old-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -3,7 +3,8 @@
 Images are decoded and resized once per run (the datasets are small) and kept as uint8. For
 training the whole cache is placed on every device once (`device_cache`); grain then shuffles,
 batches and shards *indices* per process, and the train step gathers its images on the device,
-augments and normalises them there (`preprocess.augmented_batch`). The host moves a few bytes per step.
+augments and normalises them there (`preprocess.augmented_batch`). The host moves a few bytes per
+step.
 """
 
 import dataclasses

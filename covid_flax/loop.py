@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -28,9 +29,21 @@ StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
 EpochEndFn = Callable[[Any, int, int], tuple[dict[str, Any], dict[str, float] | None]]
 
 
+def skip_if_not_finite(
+  new_state: Any, state: Any, finite: jax.Array, config: ml_collections.ConfigDict
+) -> Any:
+  """For steps (under jit): with `config.nan_policy='skip'`, a non-finite step keeps the old state
+  but still advances the step count, so the next batch comes."""
+  if config.nan_policy != "skip":
+    return new_state
+  skipped = state.replace(step=state.step + 1)
+  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
+
+
 def run_steps(
   config: ml_collections.ConfigDict,
   workdir: str,
+  mesh: jax.sharding.Mesh,
   manager: ocp.CheckpointManager,
   state: Any,
   step_fn: StepFn,
@@ -43,8 +56,8 @@ def run_steps(
   """Runs `step_fn` from `state.step` to `config.num_epochs` epochs; returns the final state and
   the last `on_epoch_end` summary. Saves at every epoch end (with the epoch-end metric for the
   best checkpoint), every `config.checkpoint_every_steps` and on a signal, then exits 128+signal.
-  With `config.nan_policy='skip'` the step itself must leave the state unchanged on a bad step."""
-  mesh = parallel.create_mesh()
+  With `config.nan_policy='skip'` the step must leave the state unchanged on a bad step
+  (`skip_if_not_finite`)."""
   total_steps = steps_per_epoch * config.num_epochs
   start_step = int(state.step)
   writer = metric_writers.MetricWriter(workdir)

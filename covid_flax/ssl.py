@@ -194,10 +194,7 @@ def pretrain_step(
     model_state=nnx.state(model, nnx.Not(nnx.Param)),
     opt_state=opt_state,
   )
-  if config.nan_policy == "skip":  # As in train_step: keep the old state, move on.
-    skipped = state.replace(step=state.step + 1)
-    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
-  return new_state, metrics
+  return loop.skip_if_not_finite(new_state, state, finite, config), metrics
 
 
 def make_parallel_step(
@@ -239,7 +236,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
     data_iter.set_state(iter_state)
     logging.info("Resumed pretraining from checkpoint step %d in %s", step, workdir)
   state, _ = loop.run_steps(
-    config, workdir, manager, state, lambda state, batch: p_step(state, cache, batch), data_iter,
+    config, workdir, mesh, manager, state, lambda state, batch: p_step(state, cache, batch), data_iter,
     steps_per_epoch, log_split="pretrain",
   )  # fmt: skip
   if jax.process_index() == 0:

@@ -178,10 +178,7 @@ def train_step(
   )
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   metrics["finite"] = finite
-  if config.nan_policy == "skip":  # Keep the old state, but move on to the next batch.
-    skipped = state.replace(step=state.step + 1)
-    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, skipped)
-  return new_state, metrics
+  return loop.skip_if_not_finite(new_state, state, finite, config), metrics
 
 
 def eval_params(state: TrainState, config: ml_collections.ConfigDict) -> nnx.State:
@@ -297,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   t_start = time.perf_counter()
   state, val_summary = loop.run_steps(
-    config, workdir, manager, state, lambda state, batch: p_train(state, train_images, batch),
+    config, workdir, mesh, manager, state, lambda state, batch: p_train(state, train_images, batch),
     data_iter, steps_per_epoch, on_epoch_end=validate,
   )  # fmt: skip
   if is_chief and start_step < total_steps:
