@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Keep the central fraction of each side before resizing (1.0: the whole image). Cuts image
   # borders, corner markers and burned-in text, which can identify the source instead of the disease.
   config.center_crop = 1.0
+  # Equalise each image's grey-level histogram (after the crop): figures from papers, scanners and
+  # screenshots differ in windowing and contrast, which a model can learn instead of the disease.
+  config.equalize = False
 
   # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
   # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is

@@ -17,12 +17,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from covid_flax import config_lib, parallel
+from covid_flax import config_lib, errors, parallel
 
 VAL_METRIC = "val_auc"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   pass
 
 

@@ -5,14 +5,16 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from covid_flax import errors
+
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
 # the meaning of its step and data-iterator position (batch size).
-INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "dataset", "half_precision",
-                       "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
+INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "equalize", "dataset",
+                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.
@@ -24,10 +26,11 @@ ADDED_FIELDS = {
   "ssl_projection_dim": 128,
   "tta_hflip": False,
   "center_crop": 1.0,
+  "equalize": False,
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   pass
 
 
@@ -60,6 +63,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "eval_split": (str, _ANY),
   "image_size": (int, _range(32, 1024)),
   "center_crop": ((int, float), _range(0.2, 1)),
+  "equalize": (bool, _ANY),
   "augment": (bool, _ANY),
   "aug_rotate": ((int, float), _range(0, 180)),
   "aug_zoom": ((int, float), _range(0, 0.9)),

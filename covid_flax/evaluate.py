@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from covid_flax import (
   checkpointing,
   config_lib,
+  errors,
   gradcam,
   inference,
   input_pipeline,
@@ -32,7 +33,6 @@ from covid_flax import (
   report,
   train,
 )
-from covid_flax.datasets import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Optional: must agree with the run's saved config.")
@@ -49,8 +49,6 @@ flags.DEFINE_bool("tta_hflip", None, "Average each prediction with its mirror im
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the CIs.")
 flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP, FP, FN).")
 flags.mark_flags_as_required(["workdir"])
-
-USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError)
 
 
 def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
@@ -166,7 +164,7 @@ def main(argv):
       data = input_pipeline.load_split(run.config, FLAGS.split)
       name = FLAGS.split
     out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   logging.info("Wrote %s", out_dir)
   print(open(os.path.join(out_dir, "report.md")).read())

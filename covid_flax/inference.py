@@ -68,7 +68,14 @@ class Ensemble:
   def __post_init__(self):
     first = self.runs[0].config
     for run in self.runs[1:]:
-      for field in ("dataset", "image_size", "center_crop", "eval_split", "target_sensitivity"):
+      for field in (
+        "dataset",
+        "image_size",
+        "center_crop",
+        "equalize",
+        "eval_split",
+        "target_sensitivity",
+      ):
         if run.config[field] != first[field]:
           raise config_lib.ConfigError(
             f"ensemble members differ in config.{field}: {self.runs[0].workdir} has "
@@ -203,7 +210,7 @@ def load_images(paths: list[str], config: ml_collections.ConfigDict) -> np.ndarr
   out = np.empty((len(paths), size, size, 1), np.uint8)
   for i, path in enumerate(paths):
     image = np.asarray(image_io.load_grayscale(path))
-    out[i] = input_pipeline.resize(image, size, config.center_crop)
+    out[i] = input_pipeline.prepare_image(image, config)
   return out
 
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageOps
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
 from covid_flax import config_lib, parallel
@@ -69,17 +69,27 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
       raise
 
 
-def resize(image: np.ndarray, size: int, center_crop: float = 1.0) -> np.ndarray:
+def resize(
+  image: np.ndarray, size: int, center_crop: float = 1.0, equalize: bool = False
+) -> np.ndarray:
   """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
-  side, stretched to a square (no padding, which would add borders that differ by source)."""
+  side, stretched to a square (no padding, which would add borders that differ by source), its
+  grey-level histogram equalised first if `equalize`."""
   pil = Image.fromarray(np.asarray(image).reshape(image.shape[0], image.shape[1]), mode="L")
   if center_crop < 1.0:
     w, h = pil.size
     dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
     pil = pil.crop((dw, dh, w - dw, h - dh))
+  if equalize:
+    pil = ImageOps.equalize(pil)
   if pil.size != (size, size):
     pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
   return np.asarray(pil, dtype=np.uint8)[..., None]
+
+
+def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
+  return resize(image, config.image_size, config.center_crop, config.equalize)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:
@@ -99,7 +109,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
 
   def load(i: int):
     ex = source[i]
-    return resize(ex["image"], config.image_size, config.center_crop), ex
+    return prepare_image(ex["image"], config), ex
 
   images = np.empty((n, config.image_size, config.image_size, 1), np.uint8)
   labels = np.empty((n,), np.int32)

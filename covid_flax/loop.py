@@ -16,10 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from covid_flax import checkpointing, interrupts, metric_writers, parallel
+from covid_flax import checkpointing, errors, interrupts, metric_writers, parallel
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   pass
 
 

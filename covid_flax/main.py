@@ -11,12 +11,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_flax import checkpointing, config_lib, loop, metric_writers, parallel, train
-from covid_flax.datasets import common
-
-# Errors that are the user's input at fault: one clear line, no traceback.
-USER_ERRORS = (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError,
-               loop.NonFiniteLossError)  # fmt: skip
+from covid_flax import errors, metric_writers, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (a get_config()).", lock_config=True)
@@ -34,7 +29,7 @@ def run(entry: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str])
   try:
     parallel.initialize_distributed(FLAGS.config)
     entry(FLAGS.config, FLAGS.workdir)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
 
 

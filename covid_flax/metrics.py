@@ -4,17 +4,6 @@ Labels are 0 = non_covid, 1 = covid (the positive class); `probs` are P(covid). 
 positive iff `prob >= threshold`. Point metrics come from scikit-learn; undefined values (e.g.
 sensitivity without positives, AUC with one class) are NaN here and None in JSON, with a note.
 
-Public API:
-  compute_metrics(labels, probs, threshold, n_bins=10) -> dict   point values, "confusion_matrix"
-  choose_threshold(labels, probs, target_sensitivity=0.95) -> float   on the *validation* split
-  wilson_interval(successes, n, confidence=0.95) -> (low, high)
-  patient_bootstrap_indices(patient_ids, n_resamples, seed) -> iterator of image-index arrays
-  bootstrap_distribution(labels, probs, patient_ids, threshold, ...) -> {metric: (n_resamples,)}
-  bootstrap_ci(labels, probs, patient_ids, threshold, ...) -> {metric: BootstrapInterval}
-  evaluate_predictions(labels, probs, patient_ids, threshold, ...) -> dict   (one threshold, JSON)
-  evaluate_at_thresholds(labels, probs, patient_ids, val_threshold, ...) -> dict   (metrics.json)
-  threshold_records(results) -> {"threshold_val": RECORD, ...}   the RECORDs of a metrics.json
-
 metrics.json (from `evaluate_at_thresholds`; evaluate.py may add keys such as "split", "step"):
   {"target_sensitivity": 0.95 | null,
    "threshold_val": RECORD,      # at the threshold chosen on the validation split

@@ -12,8 +12,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from covid_flax import checkpointing, config_lib, inference, input_pipeline
-from covid_flax.datasets import common
+from covid_flax import errors, inference, input_pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -30,7 +29,7 @@ def main(argv):
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
     images = inference.load_images(paths, run.config)
     threshold = inference.operating_point(run)["threshold"]
-  except (config_lib.ConfigError, common.DatasetError, checkpointing.CheckpointError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   names = np.asarray(paths)
   probs = run.predict(

@@ -29,6 +29,7 @@ def test_shipped_configs_are_valid(name):
     ("augment", 1, "config.augment=1 has type int"),
     ("image_size", 64.0, "config.image_size=64.0 has type float"),
     ("center_crop", 0.1, "config.center_crop=0.1 is not allowed; it must be >= 0.2 and <= 1"),
+    ("equalize", "yes", "config.equalize='yes' has type str"),
   ],
 )
 def test_bad_field_is_named(field, value, message):
@@ -71,7 +72,12 @@ def test_a_cropped_run_cannot_resume_uncropped():
 
 @pytest.mark.parametrize(
   "field,saved,now",
-  [("optimizer", "adamw", "sgd"), ("batch_size", 32, 64), ("grad_clip_norm", 0.0, 1.0)],
+  [
+    ("optimizer", "adamw", "sgd"),
+    ("batch_size", 32, 64),
+    ("grad_clip_norm", 0.0, 1.0),
+    ("equalize", False, True),
+  ],
 )
 def test_fields_that_change_the_train_state_block_resume(field, saved, now):
   """Another optimizer or clipping on/off changes the optimizer state's structure (Orbax would

@@ -172,12 +172,27 @@ def test_bad_images_dir(run, images_dir, labels_csv, extra_file, message):
     inference.load_images_dir(images_dir, run.config)
 
 
-def test_cli_reports_errors_cleanly(tmp_path):
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (["covid_flax.evaluate", "--workdir={nope}"], "does not exist"),
+    (["covid_flax.predict", "--workdir={nope}", "x.png"], "does not exist"),
+    (
+      ["covid_flax.main", "--config=configs/synthetic.py", "--workdir={nope}",
+       "--config.center_crop=0.1"],
+      "config.center_crop=0.1 is not allowed",
+    ),
+  ],
+)  # fmt: skip
+def test_cli_reports_user_errors_in_one_line(tmp_path, args, message):
+  args = [a.format(nope=tmp_path / "nope") for a in args]
   proc = subprocess.run(
-      [sys.executable, "-m", "covid_flax.evaluate", f"--workdir={tmp_path / 'nope'}"],
-      cwd=REPO_ROOT, capture_output=True, text=True,
-  )  # fmt: skip
-  assert proc.returncode == 1 and "error:" in proc.stderr and "does not exist" in proc.stderr
+    [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert "error: " in proc.stderr and message in proc.stderr
+  assert not (tmp_path / "nope").exists()
 
 
 def test_external_set_with_one_class(run, images_dir):
@@ -249,7 +264,9 @@ def test_test_time_flips_from_the_command_line(run):
   assert results["tta_hflip"] is True
 
 
-@pytest.mark.parametrize("field,value", [("image_size", 32), ("center_crop", 0.7)])
+@pytest.mark.parametrize(
+  "field,value", [("image_size", 32), ("center_crop", 0.7), ("equalize", True)]
+)
 def test_ensemble_members_must_share_the_data(run, field, value):
   config = run.config.copy_and_resolve_references()
   config[field] = value
@@ -284,7 +301,15 @@ def test_center_crop_removes_the_border():
   assert cropped.shape == (32, 32, 1) and cropped.max() == 0
 
 
-def test_external_images_are_cropped_like_the_training_data(run, tmp_path):
+def test_equalize_stretches_a_low_contrast_image():
+  ramp = np.repeat(np.arange(100, 116, dtype=np.uint8), 4)[None].repeat(64, 0)  # 16 grey levels.
+  plain, equalized = input_pipeline.resize(ramp, 16), input_pipeline.resize(ramp, 16, equalize=True)
+  assert (plain.min(), plain.max()) == (100, 115)
+  assert equalized.min() < 20 and equalized.max() > 230
+  assert np.all(np.diff(equalized[0, :, 0].astype(int)) > 0)  # The order of grey levels is kept.
+
+
+def test_external_images_are_cropped_and_equalized_like_the_training_data(run, tmp_path):
   Image.fromarray(_framed_image()).save(tmp_path / "framed.png")
   (tmp_path / "labels.csv").write_text("relpath,label\nframed.png,covid\n")
   whole = inference.load_images_dir(str(tmp_path), run.config)
@@ -292,13 +317,22 @@ def test_external_images_are_cropped_like_the_training_data(run, tmp_path):
   config.center_crop = 0.5
   cropped = inference.load_images_dir(str(tmp_path), config)
   assert whole.images.max() == 255 and cropped.images.max() == 0
+  config.center_crop, config.equalize = 0.7, True
+  image = np.asarray(Image.open(tmp_path / "framed.png"))
+  np.testing.assert_array_equal(
+    inference.load_images_dir(str(tmp_path), config).images[0],
+    input_pipeline.resize(image, config.image_size, 0.7, equalize=True),
+  )
 
 
-def test_training_data_is_cropped_by_the_config(run):
+def test_training_data_is_cropped_and_equalized_by_the_config(run):
   config = run.config.copy_and_resolve_references()
-  config.center_crop = 0.5
-  cropped = input_pipeline.load_split(config, "val")
+  config.center_crop, config.equalize = 0.5, True
+  prepared = input_pipeline.load_split(config, "val")
   source = tfds.data_source(config.dataset, split="val", data_dir=config.data_dir, download=False)
-  expected = input_pipeline.resize(source[3]["image"], config.image_size, 0.5)
-  np.testing.assert_array_equal(cropped.images[3], expected)
-  assert not np.array_equal(expected, input_pipeline.resize(source[3]["image"], config.image_size))
+  image = source[3]["image"]
+  expected = input_pipeline.resize(image, config.image_size, 0.5, equalize=True)
+  np.testing.assert_array_equal(prepared.images[3], expected)
+  for other in (input_pipeline.resize(image, config.image_size, 0.5),
+                input_pipeline.resize(image, config.image_size, equalize=True)):  # fmt: skip
+    assert not np.array_equal(expected, other)

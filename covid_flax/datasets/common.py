@@ -13,12 +13,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from covid_flax import errors
+
 # Index 1 is the positive class everywhere (metrics, thresholds, Grad-CAM).
 LABEL_NAMES = ("non_covid", "covid")
 POSITIVE_LABEL = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
   """Bad or missing input data; the message names the file or field at fault."""
 
 

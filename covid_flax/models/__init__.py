@@ -4,7 +4,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from covid_flax.models.resnet import ResNet18, ResNet50
+from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet50
 from covid_flax.models.seed_cnn import SeedCNN
 from covid_flax.models.tiny import TinyCNN
 
@@ -14,6 +14,7 @@ from covid_flax.models.tiny import TinyCNN
 MODELS: dict[str, Callable[..., nnx.Module]] = {
   "seed_cnn": SeedCNN,
   "resnet18": ResNet18,
+  "resnet18_w32": ResNet18Narrow,
   "resnet50": ResNet50,
   "tiny_cnn": TinyCNN,
 }
