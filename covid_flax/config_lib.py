@@ -10,11 +10,13 @@ from covid_flax import errors
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
+# Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize")
 # Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
 # the meaning of its step and data-iterator position (batch size).
-INCOMPATIBLE_FIELDS = ("model", "image_size", "center_crop", "equalize", "dataset",
-                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
+INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "model", "half_precision", "optimizer", "batch_size",
+                       "ssl_projection_dim")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.

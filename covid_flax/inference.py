@@ -68,14 +68,7 @@ class Ensemble:
   def __post_init__(self):
     first = self.runs[0].config
     for run in self.runs[1:]:
-      for field in (
-        "dataset",
-        "image_size",
-        "center_crop",
-        "equalize",
-        "eval_split",
-        "target_sensitivity",
-      ):
+      for field in (*config_lib.DATA_FIELDS, "eval_split", "target_sensitivity"):
         if run.config[field] != first[field]:
           raise config_lib.ConfigError(
             f"ensemble members differ in config.{field}: {self.runs[0].workdir} has "
