@@ -14,9 +14,9 @@ NAN_POLICIES = ("stop", "skip")
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize")
 # Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
-# the meaning of its step and data-iterator position (batch size).
-INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "model", "half_precision", "optimizer", "batch_size",
-                       "ssl_projection_dim")  # fmt: skip
+# the meaning of its step and data-iterator position (batch size, training split).
+INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "model", "half_precision", "optimizer",
+                       "batch_size", "ssl_projection_dim")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.

@@ -81,8 +81,10 @@ def evaluate(
   name: str,
   n_resamples: int = 1000,
   gradcam_per_group: int = 4,
+  num_trained_on: int = 0,
 ) -> str:
-  """Writes every evaluation output for `data` to workdir/eval/<name>-<step>; returns the path."""
+  """Writes every evaluation output for `data` to workdir/eval/<name>-<step>; returns the path.
+  `num_trained_on`: how many of its examples the run trained on (said in the report)."""
   point = inference.operating_point(run)
   probs = run.predict(data)
   results = metrics.evaluate_at_thresholds(
@@ -90,7 +92,7 @@ def evaluate(
       target_sensitivity=point["target_sensitivity"], n_resamples=n_resamples,
   )  # fmt: skip
   results.update(split=name, step=run.step, dataset=run.config.dataset, model=run.config.model,
-                 threshold_chosen_on=point["chosen_on"])  # fmt: skip
+                 threshold_chosen_on=point["chosen_on"], num_trained_on=num_trained_on)  # fmt: skip
   results.update(run.describe())
   out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
   tmp = os.path.join(run.workdir, "eval", f".{name}-{run.tag}.tmp")
@@ -125,6 +127,9 @@ def evaluate(
     markdown = report.markdown_report(results, title=f"Evaluation: {title}")
     with open(os.path.join(tmp, "report.md"), "w") as f:
       f.write(markdown)
+      if num_trained_on:
+        f.write(f"\n**Not held out**: the run trained on {num_trained_on} of these {len(data)} "
+                f"examples ({run.config.train_split!r}).\n")  # fmt: skip
       if not both_classes:
         f.write("\nOnly one class is present: no ROC or precision-recall curve.\n")
       if isinstance(run, inference.Ensemble):
@@ -160,10 +165,14 @@ def main(argv):
     if FLAGS.images_dir:
       data = inference.load_images_dir(FLAGS.images_dir, run.config)
       name = "images-" + os.path.basename(os.path.normpath(FLAGS.images_dir))
+      trained_on = 0
     else:
       data = input_pipeline.load_split(run.config, FLAGS.split)
       name = FLAGS.split
-    out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group)
+      trained_on = input_pipeline.count_shared_examples(
+        run.config, run.config.train_split, FLAGS.split
+      )
+    out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group, trained_on)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   logging.info("Wrote %s", out_dir)

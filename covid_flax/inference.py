@@ -184,7 +184,14 @@ def operating_point(run: Run | Ensemble) -> dict:
   point = {
     "threshold": float(threshold),
     "target_sensitivity": run.config.target_sensitivity,
-    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}",
+    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}"
+    + (
+      f" (part of the training split {run.config.train_split!r}: not held out)"
+      if input_pipeline.count_shared_examples(
+        run.config, run.config.train_split, run.config.eval_split
+      )
+      else ""
+    ),
     **run.describe(),
     "val_at_threshold": metrics.compute_metrics(val.labels, probs, threshold),
   }

@@ -95,11 +95,7 @@ def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.nd
 def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:
   """Decodes and resizes every image of `split` once, in parallel threads (PIL drops the GIL)."""
   builder = get_builder(config)
-  if split not in builder.info.splits:
-    raise config_lib.ConfigError(
-      f"split {split!r} (config.train_split, config.eval_split or --split) is not in "
-      f"{config.dataset}; it has {sorted(builder.info.splits)}"
-    )
+  split_examples(builder, split)  # A clear error for a split the dataset does not have.
   source = tfds.data_source(
     config.dataset, split=split, data_dir=config.data_dir or None, download=False
   )
@@ -120,6 +116,29 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
       patients.append(_text(ex["patient_id"]))
       filenames.append(_text(ex["filename"]))
   return SplitData(images, labels, np.asarray(patients), np.asarray(filenames))
+
+
+def split_examples(builder: tfds.core.DatasetBuilder, split: str) -> set[tuple[str, int]]:
+  """(split name, index) of every example that `split` reads: TFDS split strings such as 'train',
+  'train+val' (a final fit on both) or 'train[:80%]'."""
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  except (ValueError, KeyError) as e:
+    raise config_lib.ConfigError(
+      f"split {split!r} (config.train_split, config.eval_split or --split) is not a split of "
+      f"{builder.name}; it has {sorted(builder.info.splits)} ({e})"
+    ) from e
+  examples = set()
+  for part in instructions:
+    indices = range(builder.info.splits[part.splitname].num_examples)[part.from_ : part.to]
+    examples.update((part.splitname, i) for i in indices)
+  return examples
+
+
+def count_shared_examples(config: ml_collections.ConfigDict, split_a: str, split_b: str) -> int:
+  """How many examples of the dataset both splits read (e.g. 'val' and 'train+val': all of val)."""
+  builder = get_builder(config)
+  return len(split_examples(builder, split_a) & split_examples(builder, split_b))
 
 
 def _text(value) -> str:

@@ -25,7 +25,8 @@ class NonFiniteLossError(errors.UserError, FloatingPointError):
 
 # (state, global batch) -> (state, metrics with at least "loss", "accuracy", "finite").
 StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
-# (state, step, epoch) -> (val summary to log, {VAL_METRIC: value} for the best checkpoint).
+# (state, step, epoch) -> (val summary to log, {VAL_METRIC: value} for the best checkpoint, or
+# None: this checkpoint is no candidate).
 EpochEndFn = Callable[[Any, int, int], tuple[dict[str, Any], dict[str, float] | None]]
 
 

@@ -262,6 +262,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = parallel.create_mesh()
   train_data = input_pipeline.load_split(config, config.train_split)
   val_data = input_pipeline.load_split(config, config.eval_split)
+  # A final fit on train+val: the val metrics are still logged, but no 'best' checkpoint is chosen
+  # by them ('best' is then the latest).
+  held_out = not input_pipeline.count_shared_examples(config, config.train_split, config.eval_split)
+  if not held_out:
+    logging.warning("config.eval_split=%r is part of config.train_split=%r: its metrics are not "
+                    "held out and choose no 'best' checkpoint", config.eval_split, config.train_split)  # fmt: skip
   steps_per_epoch = count_steps_per_epoch(config, len(train_data))
   total_steps = steps_per_epoch * config.num_epochs
   tx = create_optimizer(config, steps_per_epoch, total_steps)
@@ -289,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def validate(state: TrainState, step: int, epoch: int):
     probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
     summary = summarize(val_data.labels, probs, losses)
+    if not held_out:
+      return summary, None
     auc = summary["auc"] if summary["auc"] is not None else summary["accuracy"]
     return summary, {checkpointing.VAL_METRIC: -1.0 if auc is None else auc}  # -1: never the best.
 

@@ -77,6 +77,7 @@ def test_a_cropped_run_cannot_resume_uncropped():
     ("batch_size", 32, 64),
     ("grad_clip_norm", 0.0, 1.0),
     ("equalize", False, True),
+    ("train_split", "train", "train+val"),
   ],
 )
 def test_fields_that_change_the_train_state_block_resume(field, saved, now):
@@ -102,6 +103,7 @@ def test_clipping_at_another_norm_can_resume():
   "overrides,message",
   [
     ({"eval_split": "validation"}, r"split 'validation' \(config.train_split"),
+    ({"train_split": "train+"}, r"split 'train\+' \(config.train_split.*has \['test', 'train'"),
     ({"dataset": "covid_synthetic/nope"}, r"config.dataset='covid_synthetic/nope'"),
   ],
 )

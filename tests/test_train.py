@@ -66,6 +66,37 @@ def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
   assert summary["num_train_examples"] > 0 and summary["final_val"]["auc"] == val[-1]["auc"]
 
 
+def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(synthetic_data_dir, tmp_path):
+  from covid_flax import evaluate, inference, input_pipeline
+
+  workdir = str(tmp_path / "run")
+  config = tiny_config(synthetic_data_dir, train_split="train+val")
+  sizes = {s: len(input_pipeline.load_split(config, s)) for s in ("train", "val", "test")}
+  assert input_pipeline.count_shared_examples(config, "train[:50%]", "train[25%:]") == (
+    sizes["train"] // 2 - sizes["train"] // 4
+  )
+  train.train_and_evaluate(config, workdir)
+  summary = json.load(open(f"{workdir}/train_summary.json"))
+  assert summary["num_train_examples"] == sizes["train"] + sizes["val"]
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  assert manager.best_step() is None  # Val AUC of training data chooses nothing.
+  run = inference.load_run(workdir, "best")
+  assert run.step == manager.latest_step()
+  assert inference.operating_point(run)["chosen_on"].endswith("'train+val': not held out)")
+  out = evaluate.evaluate(run, input_pipeline.load_split(run.config, "test"), "test", 20)
+  assert json.load(open(f"{out}/metrics.json"))["num_trained_on"] == 0
+  assert "Not held out" not in open(f"{out}/report.md").read()
+  cli = subprocess.run(
+    [sys.executable, "-m", "covid_flax.evaluate", f"--workdir={workdir}", "--split=val",
+     "--n_resamples=20", "--gradcam_per_group=1"],
+    cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert cli.returncode == 0, cli.stderr[-2000:]
+  assert (
+    f"**Not held out**: the run trained on {sizes['val']} of these {sizes['val']}" in cli.stdout
+  )
+
+
 def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path):
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   straight = tmp_path / "straight"
