@@ -181,17 +181,15 @@ def operating_point(run: Run | Ensemble) -> dict:
   val = input_pipeline.load_split(run.config, run.config.eval_split)
   probs = run.predict(val)
   threshold = metrics.choose_threshold(val.labels, probs, run.config.target_sensitivity)
+  not_held_out = ""
+  if input_pipeline.count_shared_examples(
+    run.config, run.config.train_split, run.config.eval_split
+  ):
+    not_held_out = f" (part of the training split {run.config.train_split!r}: not held out)"
   point = {
     "threshold": float(threshold),
     "target_sensitivity": run.config.target_sensitivity,
-    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}"
-    + (
-      f" (part of the training split {run.config.train_split!r}: not held out)"
-      if input_pipeline.count_shared_examples(
-        run.config, run.config.train_split, run.config.eval_split
-      )
-      else ""
-    ),
+    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}{not_held_out}",
     **run.describe(),
     "val_at_threshold": metrics.compute_metrics(val.labels, probs, threshold),
   }
