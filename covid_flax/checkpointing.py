@@ -52,6 +52,13 @@ def create_manager(
   return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
 
 
+def has_best(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint chosen by val AUC (a best kept beside the last k)."""
+  if not checkpoint_dir(workdir).exists():
+    return False
+  return create_manager(workdir, read_only=True).best_step() is not None
+
+
 def save(
   manager: ocp.CheckpointManager,
   step: int,

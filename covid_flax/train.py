@@ -272,7 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   total_steps = steps_per_epoch * config.num_epochs
   tx = create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_train_state(config, tx)
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  # Without a held-out split no best is tracked (Orbax would warn at every save that no metric
+  # came), unless this workdir already holds one: tracking keeps it from being deleted.
+  track_best = held_out or checkpointing.has_best(workdir)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints, track_best=track_best)
   if config.init_from and not manager.all_steps():
     state = init_from_pretrained(state, config)
   state = jax.device_put(state, parallel.replicated(mesh))

@@ -66,7 +66,9 @@ def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
   assert summary["num_train_examples"] > 0 and summary["final_val"]["auc"] == val[-1]["auc"]
 
 
-def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(synthetic_data_dir, tmp_path):
+def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(
+  synthetic_data_dir, tmp_path, caplog
+):
   from covid_flax import evaluate, inference, input_pipeline
 
   workdir = str(tmp_path / "run")
@@ -76,6 +78,7 @@ def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(synthetic_data_di
     sizes["train"] // 2 - sizes["train"] // 4
   )
   train.train_and_evaluate(config, workdir)
+  assert "did not provide metrics" not in caplog.text  # Orbax's warning at every untracked save.
   summary = json.load(open(f"{workdir}/train_summary.json"))
   assert summary["num_train_examples"] == sizes["train"] + sizes["val"]
   manager = checkpointing.create_manager(workdir, read_only=True)
@@ -95,6 +98,19 @@ def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(synthetic_data_di
   assert (
     f"**Not held out**: the run trained on {sizes['val']} of these {sizes['val']}" in cli.stdout
   )
+
+
+def test_a_best_checkpoint_outlives_a_resume_without_held_out_data(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(synthetic_data_dir, keep_checkpoints=1, num_epochs=3)
+  train.train_and_evaluate(config, workdir)
+  best = checkpointing.create_manager(workdir, read_only=True).best_step()
+  assert best is not None and checkpointing.has_best(workdir)
+  # Resumed for more epochs, validating on training data: no new best, the old one is kept.
+  resumed = tiny_config(synthetic_data_dir, keep_checkpoints=1, num_epochs=5, eval_split="train")
+  train.train_and_evaluate(resumed, workdir)
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  assert manager.latest_step() > best and best in manager.all_steps()
 
 
 def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path):
