@@ -12,6 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.manual_dir = ""  # Where the manually downloaded real data lives (real builders only).
   config.train_split = "train"
   config.eval_split = "val"
+  # Patient-wise K-fold cross-validation over train_split (`covid_flax.cross_validate` runs every
+  # fold): with cv_folds = K > 1 the run trains on train_split without fold cv_fold and validates
+  # on that fold instead of on eval_split. 0 is off.
+  config.cv_folds = 0
+  config.cv_fold = 0
   config.image_size = 128
   # Keep the central fraction of each side before resizing (1.0: the whole image). Cuts image
   # borders, corner markers and burned-in text, which can identify the source instead of the disease.

@@ -12,11 +12,14 @@ LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize")
+# Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
+# agree: a member trained on another's validation data would leak into the threshold).
+EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
 # Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
 # the meaning of its step and data-iterator position (batch size, training split).
-INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "model", "half_precision", "optimizer",
-                       "batch_size", "ssl_projection_dim")  # fmt: skip
+INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "cv_folds", "cv_fold", "model",
+                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.
@@ -29,6 +32,8 @@ ADDED_FIELDS = {
   "tta_hflip": False,
   "center_crop": 1.0,
   "equalize": False,
+  "cv_folds": 0,
+  "cv_fold": 0,
 }
 
 
@@ -63,6 +68,8 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "manual_dir": (str, _ANY),
   "train_split": (str, _ANY),
   "eval_split": (str, _ANY),
+  "cv_folds": (int, ((lambda v: v == 0 or 2 <= v <= 100), "0 (off) or 2..100")),
+  "cv_fold": (int, _NON_NEGATIVE),
   "image_size": (int, _range(32, 1024)),
   "center_crop": ((int, float), _range(0.2, 1)),
   "equalize": (bool, _ANY),
@@ -133,6 +140,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model not in models.MODELS:
     raise ConfigError(
       f"config.model={config.model!r} is unknown; choose one of {sorted(models.MODELS)}"
+    )
+  if config.cv_folds and config.cv_fold >= config.cv_folds:
+    raise ConfigError(
+      f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "
+      f"it must be 0..{config.cv_folds - 1}"
     )
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):

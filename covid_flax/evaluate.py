@@ -11,9 +11,7 @@ folder is written under a temporary name and renamed at the end: it is complete 
 `ensemble<k>-<hash of the members>` instead of the step.
 """
 
-import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -95,15 +93,8 @@ def evaluate(
                  threshold_chosen_on=point["chosen_on"], num_trained_on=num_trained_on)  # fmt: skip
   results.update(run.describe())
   out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
-  tmp = os.path.join(run.workdir, "eval", f".{name}-{run.tag}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-      json.dump(results, f, indent=2, allow_nan=False)
-    report.write_predictions(
-      os.path.join(tmp, "predictions.csv"), data.filenames, data.patient_ids, data.labels, probs
-    )
+  with report.atomic_dir(out_dir) as tmp:
+    report.write_results(tmp, results, data.filenames, data.patient_ids, data.labels, probs)
     which = (
       f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
     )
@@ -137,11 +128,6 @@ def evaluate(
         f.write(f"\nEnsemble: the mean probability of {members}.\n")
       f.write(f"\nOperating point: threshold {point['threshold']:.4f}, the highest with "
               f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.\n")  # fmt: skip
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
 
 
@@ -169,9 +155,7 @@ def main(argv):
     else:
       data = input_pipeline.load_split(run.config, FLAGS.split)
       name = FLAGS.split
-      trained_on = input_pipeline.count_shared_examples(
-        run.config, run.config.train_split, FLAGS.split
-      )
+      trained_on = input_pipeline.count_trained_on(run.config, FLAGS.split)
     out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group, trained_on)
   except errors.UserError as e:
     sys.exit(f"error: {e}")

@@ -68,7 +68,7 @@ class Ensemble:
   def __post_init__(self):
     first = self.runs[0].config
     for run in self.runs[1:]:
-      for field in (*config_lib.DATA_FIELDS, "eval_split", "target_sensitivity"):
+      for field in (*config_lib.DATA_FIELDS, *config_lib.EVAL_DATA_FIELDS, "target_sensitivity"):
         if run.config[field] != first[field]:
           raise config_lib.ConfigError(
             f"ensemble members differ in config.{field}: {self.runs[0].workdir} has "
@@ -178,18 +178,16 @@ def operating_point(run: Run | Ensemble) -> dict:
   path = operating_point_path(run.workdir, run.tag)
   if path.exists():
     return json.loads(path.read_text())
-  val = input_pipeline.load_split(run.config, run.config.eval_split)
+  val = input_pipeline.load_eval(run.config)
   probs = run.predict(val)
   threshold = metrics.choose_threshold(val.labels, probs, run.config.target_sensitivity)
   not_held_out = ""
-  if input_pipeline.count_shared_examples(
-    run.config, run.config.train_split, run.config.eval_split
-  ):
+  if not input_pipeline.eval_is_held_out(run.config):
     not_held_out = f" (part of the training split {run.config.train_split!r}: not held out)"
   point = {
     "threshold": float(threshold),
     "target_sensitivity": run.config.target_sensitivity,
-    "chosen_on": f"{run.config.dataset}:{run.config.eval_split}{not_held_out}",
+    "chosen_on": f"{run.config.dataset}:{input_pipeline.eval_name(run.config)}{not_held_out}",
     **run.describe(),
     "val_at_threshold": metrics.compute_metrics(val.labels, probs, threshold),
   }

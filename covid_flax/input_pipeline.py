@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image, ImageOps
+from sklearn import model_selection
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
 from covid_flax import config_lib, parallel
@@ -36,6 +37,9 @@ class SplitData:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def subset(self, indices: np.ndarray) -> "SplitData":
+    return SplitData(*(getattr(self, f.name)[indices] for f in dataclasses.fields(self)))
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -116,6 +120,68 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
       patients.append(_text(ex["patient_id"]))
       filenames.append(_text(ex["filename"]))
   return SplitData(images, labels, np.asarray(patients), np.asarray(filenames))
+
+
+def cv_fold_indices(data: SplitData, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training indices, held-out indices) of fold `fold` of `folds`: patient-wise (a patient's
+  images stay in one fold) and stratified by label, with a fixed shuffle, so every run, whatever
+  its seed or recipe, is compared on the same folds."""
+  splitter = model_selection.StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
+  try:
+    train_idx, eval_idx = list(splitter.split(data.labels, data.labels, data.patient_ids))[fold]
+  except ValueError as e:  # Fewer patients (or of one class) than folds.
+    raise config_lib.ConfigError(
+      f"config.cv_folds={folds}: {len(np.unique(data.patient_ids))} patients cannot be split "
+      f"into {folds} patient-wise folds ({e})"
+    ) from e
+  for name, idx in (("training", train_idx), ("held-out", eval_idx)):
+    if len(np.unique(data.labels[idx])) < 2:
+      raise config_lib.ConfigError(
+        f"config.cv_folds={folds}: the {name} part of fold {fold} has one class only"
+      )
+  return train_idx, eval_idx
+
+
+def load_train_and_eval(config: ml_collections.ConfigDict) -> tuple[SplitData, SplitData]:
+  """The data a run trains on and the data it is validated on (and picks its 'best' checkpoint
+  and its threshold by): config.train_split and config.eval_split, or with config.cv_folds = K,
+  config.train_split without its patient-wise fold config.cv_fold, and that fold."""
+  train = load_split(config, config.train_split)
+  if not config.cv_folds:
+    return train, load_split(config, config.eval_split)
+  train_idx, eval_idx = cv_fold_indices(train, config.cv_folds, config.cv_fold)
+  return train.subset(train_idx), train.subset(eval_idx)
+
+
+def load_eval(config: ml_collections.ConfigDict) -> SplitData:
+  """The validation half of `load_train_and_eval`, without decoding the training split if it can."""
+  if not config.cv_folds:
+    return load_split(config, config.eval_split)
+  return load_train_and_eval(config)[1]
+
+
+def eval_name(config: ml_collections.ConfigDict) -> str:
+  """What a run validates on, for logs and reports: 'val' or 'train+val fold 2 of 5'."""
+  if config.cv_folds:
+    return f"{config.train_split} fold {config.cv_fold} of {config.cv_folds}"
+  return config.eval_split
+
+
+def eval_is_held_out(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's validation data is disjoint from what it trains on (a cross-validation
+  fold always is; a final fit on train+val validating on val is not)."""
+  if config.cv_folds:
+    return True
+  return not count_shared_examples(config, config.train_split, config.eval_split)
+
+
+def count_trained_on(config: ml_collections.ConfigDict, split: str) -> int:
+  """How many examples of `split` the run trained on."""
+  shared = count_shared_examples(config, config.train_split, split)
+  if not shared or not config.cv_folds:
+    return shared
+  trained = set(load_train_and_eval(config)[0].filenames.tolist())
+  return sum(f in trained for f in load_split(config, split).filenames.tolist())
 
 
 def split_examples(builder: tfds.core.DatasetBuilder, split: str) -> set[tuple[str, int]]:

@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 
+from covid_flax import input_pipeline
+
 
 class MetricWriter:
   def __init__(self, workdir: str):
@@ -98,5 +100,5 @@ def write_train_summary(
     json.dump(summary, f, indent=2)
   if val_summary:
     shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in val_summary.items()}
-    print(f"Final {config.eval_split}: accuracy {shown['accuracy']}, sensitivity "
+    print(f"Final {input_pipeline.eval_name(config)}: accuracy {shown['accuracy']}, sensitivity "
           f"{shown['sensitivity']}, specificity {shown['specificity']}, AUC {shown['auc']}")  # fmt: skip

@@ -2,9 +2,12 @@
 (`metrics.evaluate_at_thresholds`: metrics with their confidence intervals per threshold, and the
 confusion counts) and predictions.csv (one row per image)."""
 
+import contextlib
 import csv
+import json
 import os
-from typing import Any, Mapping, Sequence
+import shutil
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +28,36 @@ def write_predictions(
     writer.writerow(PREDICTION_COLUMNS)
     for name, patient, label, p in zip(filenames, patient_ids, labels, probs, strict=True):
       writer.writerow([name, patient, int(label), repr(float(p))])
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str) -> Iterator[str]:
+  """A fresh temporary folder beside `out_dir` that replaces `out_dir` when the block completes:
+  readers never see half an output, and a failure leaves the previous one."""
+  tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_results(
+  folder: str,
+  results: Mapping[str, Any],
+  filenames: Sequence[str],
+  patient_ids: Sequence[str],
+  labels: Sequence[int],
+  probs: Sequence[float],
+) -> None:
+  """folder/metrics.json (`results`) and folder/predictions.csv."""
+  with open(os.path.join(folder, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2, allow_nan=False)
+  write_predictions(os.path.join(folder, "predictions.csv"), filenames, patient_ids, labels, probs)
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

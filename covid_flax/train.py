@@ -260,11 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpointing.check_workdir_compatible(workdir, config)
   is_chief = jax.process_index() == 0
   mesh = parallel.create_mesh()
-  train_data = input_pipeline.load_split(config, config.train_split)
-  val_data = input_pipeline.load_split(config, config.eval_split)
+  train_data, val_data = input_pipeline.load_train_and_eval(config)
   # A final fit on train+val: the val metrics are still logged, but no 'best' checkpoint is chosen
   # by them ('best' is then the latest).
-  held_out = not input_pipeline.count_shared_examples(config, config.train_split, config.eval_split)
+  held_out = input_pipeline.eval_is_held_out(config)
   if not held_out:
     logging.warning("config.eval_split=%r is part of config.train_split=%r: its metrics are not "
                     "held out and choose no 'best' checkpoint", config.eval_split, config.train_split)  # fmt: skip
@@ -292,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
   if is_chief:
     logging.info("%s: %d train / %d %s examples, %d devices, %d steps of %d",
-                 config.dataset, len(train_data), len(val_data), config.eval_split,
+                 config.dataset, len(train_data), len(val_data), input_pipeline.eval_name(config),
                  jax.device_count(), total_steps, config.batch_size)  # fmt: skip
 
   def validate(state: TrainState, step: int, epoch: int):

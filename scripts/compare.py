@@ -1,17 +1,21 @@
 """Compare two runs (e.g. CXR and CT): one Markdown table and both ROC curves on one figure.
 
   python scripts/compare.py runs/cxr runs/ct [--output=DIR] [--split=test] [--names=CXR,CT]
+  python scripts/compare.py runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
 
 From each workdir it reads the latest `eval/<split>-<step>/metrics.json` and `predictions.csv`
-(columns filename, patient_id, label, probability) and, if present, `train_summary.json`
+(columns filename, patient_id, label, probability), or those of an evaluation folder given directly
+(an ensemble's, a cross-validation's), and, if present, the workdir's `train_summary.json`
 ({"train_time_s", "num_train_examples", ...}). It writes to DIR (default: `comparison/` next to the
 first workdir) `comparison.md`, `comparison.json` and `roc_comparison.png`.
 
 For each metric the table gives both values with their intervals from metrics.json, the difference
-(first minus second), a patient-bootstrap interval of that difference (the two test sets are
-independent, so each is resampled on its own) and whether the two intervals overlap. Overlapping
-intervals do not show that the runs are equal; an interval of the difference that excludes 0 is the
-better evidence of a difference.
+(first minus second), a patient-bootstrap interval of that difference and whether the two intervals
+overlap. When both runs scored the same patients (two recipes on one test split or on the same
+cross-validation folds) the difference is bootstrapped paired, both runs on each resample of
+patients, which removes the test set's own variation from it; otherwise (CXR vs CT) each set is
+resampled on its own. Overlapping intervals do not show that the runs are equal; an interval of the
+difference that excludes 0 is the better evidence of a difference.
 """
 
 from __future__ import annotations
@@ -64,9 +68,14 @@ def latest_eval_dir(workdir: str | Path, split: str) -> Path:
   return max(found)[1]
 
 
-def load_run(workdir: str | Path, split: str = "test", name: str | None = None) -> Run:
-  workdir = Path(workdir)
-  eval_dir = latest_eval_dir(workdir, split)
+def load_run(path: str | Path, split: str = "test", name: str | None = None) -> Run:
+  """A workdir's latest evaluation of `split`, or the evaluation folder `path` itself."""
+  path = Path(path)
+  if (path / "metrics.json").is_file():  # workdir/eval/<name>: its workdir is two levels up.
+    eval_dir, workdir = path, path.parent.parent if path.parent.name == "eval" else path
+    name = name or f"{workdir.resolve().name}/{path.name}"
+  else:
+    workdir, eval_dir = path, latest_eval_dir(path, split)
   with open(eval_dir / "metrics.json") as f:
     results = json.load(f)
   if not metrics_lib.threshold_records(results):
@@ -80,6 +89,12 @@ def load_run(workdir: str | Path, split: str = "test", name: str | None = None) 
   return Run(
     name or workdir.resolve().name, workdir, eval_dir, results, labels, probs, patient_ids, summary
   )
+
+
+def same_patients(a: Run, b: Run) -> bool:
+  """Whether both runs scored the same images: the same patients, each with the same labels."""
+  pairs = [sorted(zip(r.patient_ids.tolist(), r.labels.tolist(), strict=True)) for r in (a, b)]
+  return pairs[0] == pairs[1]
 
 
 def intervals_overlap(a: Sequence[float | None], b: Sequence[float | None]) -> bool | None:
@@ -123,14 +138,16 @@ def compare_runs(
   if runs[0].name == runs[1].name:
     runs = [r._replace(name=f"{r.name} ({r.workdir})") for r in runs]
   a, b = runs
+  split = a.results.get("split") or split  # An evaluation folder given directly says its own.
   records = []
   for run in runs:
     if threshold_key not in run.results:
       raise ValueError(f"{run.eval_dir / 'metrics.json'} has no {threshold_key!r} record")
     records.append(run.results[threshold_key])
-  dists = [
+  paired = same_patients(a, b)
+  dists = [  # The same seed draws the same patients when both runs have the same ones.
     metrics_lib.bootstrap_distribution(
-      run.labels, run.probs, run.patient_ids, rec["threshold"], n_resamples, seed + i
+      run.labels, run.probs, run.patient_ids, rec["threshold"], n_resamples, seed + i * (not paired)
     )
     for i, (run, rec) in enumerate(zip(runs, records, strict=True))
   ]
@@ -175,7 +192,12 @@ def compare_runs(
     ],
     "split": split,
     "threshold_key": threshold_key,
-    "difference_bootstrap": {"n_resamples": n_resamples, "seed": seed, "unit": "patient"},
+    "difference_bootstrap": {
+      "n_resamples": n_resamples,
+      "seed": seed,
+      "unit": "patient",
+      "paired": paired,
+    },
     "metrics": out_metrics,
   }
   with open(output_dir / "comparison.json", "w") as f:
@@ -224,7 +246,12 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     (
       f"Metrics at `{comparison['threshold_key']}`, 95 % intervals from each run's metrics.json "
       f"({a}: {methods[0]}; {b}: {methods[1]}). Intervals of the differences: "
-      f"{boot['n_resamples']} independent patient resamples of each {split} set. Overlapping "
+      + (
+        f"{boot['n_resamples']} resamples of the patients both runs scored (paired). "
+        if boot.get("paired")
+        else f"{boot['n_resamples']} independent patient resamples of each {split} set. "
+      )
+      + "Overlapping "
       "intervals do not mean the runs are equal; a difference interval that excludes 0 is the "
       "stronger evidence."
     ),

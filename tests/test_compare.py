@@ -58,6 +58,7 @@ def test_compare_writes_table_and_figure(runs):
   result = compare.compare_runs([good, weak], out, n_resamples=200)
   table = (out / "comparison.md").read_text()
   assert json.loads((out / "comparison.json").read_text()) == json.loads(json.dumps(result))
+  assert result["difference_bootstrap"]["paired"] is False  # Different patients: independent.
   with Image.open(out / "roc_comparison.png") as image:
     assert image.format == "PNG" and image.size[0] > 300
     assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
@@ -90,9 +91,11 @@ def test_compare_identical_runs_overlap(runs, tmp_path):
   twin = tmp_path / "twin"
   shutil.copytree(good, twin)
   result = compare.compare_runs([good, twin], tmp_path / "o", names=["A", "B"], n_resamples=100)
+  assert result["difference_bootstrap"]["paired"] is True  # The same patients: paired.
   for name, m in result["metrics"].items():
     assert m["intervals_overlap"] is True, name
     assert m["difference"] == 0.0
+    assert m["difference_ci"] == [0.0, 0.0], name  # Both runs on every resample: no spread.
     assert m["better"] == "no clear difference", name
   assert "A vs B" in (tmp_path / "o" / "comparison.md").read_text()
 
@@ -122,3 +125,41 @@ def test_main_cli(runs, tmp_path):
   assert compare.main([str(good), str(weak), "--n_resamples=50"]) == 0
   assert (good.parent / "comparison" / "comparison.md").is_file()
   assert (good.parent / "comparison" / "roc_comparison.png").is_file()
+
+
+def _write_eval_dir(eval_dir, labels, probs, pids):
+  eval_dir.mkdir(parents=True)
+  results = metrics.evaluate_at_thresholds(labels, probs, pids, 0.5, n_resamples=100)
+  results["split"] = "cv-latest"
+  (eval_dir / "metrics.json").write_text(json.dumps(results))
+  with open(eval_dir / "predictions.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["filename", "patient_id", "label", "probability"])
+    writer.writerows([f"img{i}.png", p, int(y), repr(float(q))]
+                     for i, (p, y, q) in enumerate(zip(pids, labels, probs, strict=True)))  # fmt: skip
+
+
+def test_two_recipes_on_the_same_patients_are_compared_paired(tmp_path):
+  """A small but consistent gain on every patient: a paired bootstrap finds it, resampling the two
+  sets independently (the old way) buries it in the spread between patients."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat(rng.integers(0, 2, 150), 2)
+  pids = np.repeat([f"p{i}" for i in range(150)], 2)
+  weak = np.clip(rng.normal(0.5 + 0.2 * (labels - 0.5), 0.2), 0, 1)
+  strong = np.clip(weak + 0.02 * (2 * labels - 1), 0, 1)
+  _write_eval_dir(tmp_path / "a" / "eval" / "cv-latest", labels, strong, pids)
+  _write_eval_dir(tmp_path / "b" / "eval" / "cv-latest", labels, weak, pids)
+  dirs = [tmp_path / "a" / "eval" / "cv-latest", tmp_path / "b" / "eval" / "cv-latest"]
+  result = compare.compare_runs(dirs, tmp_path / "o", threshold_key="threshold_0.5")
+  assert result["difference_bootstrap"]["paired"] is True
+  assert [r["name"] for r in result["runs"]] == ["a/cv-latest", "b/cv-latest"]
+  assert result["split"] == "cv-latest"
+  auc = result["metrics"]["roc_auc"]
+  assert auc["intervals_overlap"] is True  # Each run's own interval cannot tell them apart,
+  assert auc["difference_ci"][0] > 0 and auc["better"] == "a/cv-latest"  # the paired one can.
+  assert "(paired)" in (tmp_path / "o" / "comparison.md").read_text()
+  unpaired = [
+    metrics.bootstrap_distribution(labels, p, pids, 0.5, 1000, seed)["roc_auc"]
+    for seed, p in ((0, strong), (1, weak))
+  ]
+  assert metrics.percentile_interval(unpaired[0] - unpaired[1]).low < 0

@@ -1,0 +1,46 @@
+"""Patient-wise K-fold cross-validation, to choose a recipe on more than one small val split:
+
+  python -m covid_flax.cross_validate --config=configs/ct.py --workdir=runs/ct_cv \
+      --config.train_split=train+val --config.cv_folds=5 [--checkpoint=latest]
+
+Trains fold k in workdir/fold_k (each resumable, as `covid_flax.main`), predicts every held-out fold
+with the model that did not train on its patients, and evaluates the pooled out-of-fold predictions:
+each image of config.train_split is predicted once. Writes workdir/eval/cv-<checkpoint>/:
+metrics.json (threshold 0.5, patient-bootstrap CIs, and each fold's "folds" entry), predictions.csv,
+report.md and roc.png. The folds depend only on the data (`input_pipeline.cv_fold_indices`), so two
+recipes cross-validated on the same train_split are scored on the same images; compare them with a
+paired bootstrap:
+
+  python scripts/compare.py runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
+
+`--checkpoint=latest` (default) scores each fold's last checkpoint, which is what a final fit keeps
+(it has no held-out data to choose by); `best` takes the checkpoint each fold's own AUC picked, an
+optimistic estimate.
+"""
+
+import os
+
+import jax
+import ml_collections
+from absl import app, flags
+
+from covid_flax import cross_validation
+from covid_flax import main as cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint of each fold.")
+flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the intervals.")
+
+
+def main(argv: list[str]) -> None:
+  def entry(config: ml_collections.ConfigDict, workdir: str) -> None:
+    out_dir = cross_validation.cross_validate(config, workdir, FLAGS.checkpoint, FLAGS.n_resamples)
+    if jax.process_index() == 0:
+      print(open(os.path.join(out_dir, "report.md")).read())
+      print(f"Cross-validation written to {out_dir}")
+
+  cli.run(entry, argv)
+
+
+if __name__ == "__main__":
+  app.run(main)

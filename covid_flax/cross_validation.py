@@ -1,0 +1,116 @@
+"""Patient-wise K-fold cross-validation: every fold trained, the pooled out-of-fold predictions
+evaluated. The command line and what it writes: `covid_flax/cross_validate.py`."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from sklearn import metrics as skm
+
+from covid_flax import config_lib, inference, input_pipeline, metrics, plots, report, train
+
+
+def _fold_entry(
+  k: int, run: inference.Run, data: input_pipeline.SplitData, probs: np.ndarray
+) -> dict:
+  summary_path = os.path.join(run.workdir, "train_summary.json")
+  train_time = None
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      train_time = json.load(f).get("train_time_s")
+  return {
+    "fold": k,
+    "workdir": run.workdir,
+    "step": run.step,
+    "n_images": len(data),
+    "n_patients": len(np.unique(data.patient_ids)),
+    "roc_auc": float(skm.roc_auc_score(data.labels, probs)),
+    "accuracy": float(np.mean((probs >= 0.5) == data.labels)),
+    "train_time_s": train_time,
+  }
+
+
+def cross_validate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  checkpoint: str = "latest",
+  n_resamples: int = 1000,
+) -> str:
+  """Trains and scores every fold of config.cv_folds; returns the output folder."""
+  if config.cv_folds < 2:
+    raise config_lib.ConfigError(
+      f"config.cv_folds={config.cv_folds}: cross-validation needs 2 or more folds, e.g. "
+      "--config.cv_folds=5"
+    )
+  if config.cv_fold:
+    raise config_lib.ConfigError(
+      f"config.cv_fold={config.cv_fold}: cross_validate trains every fold; leave it 0 (use "
+      "covid_flax.main to train a single fold)"
+    )
+  pool = input_pipeline.load_split(config, config.train_split)
+  parts, folds = [], []
+  for k in range(config.cv_folds):
+    fold_config = config.copy_and_resolve_references()
+    fold_config.cv_fold = k
+    fold_dir = os.path.join(workdir, f"fold_{k}")
+    train.train_and_evaluate(fold_config, fold_dir)
+    run = inference.load_run(fold_dir, checkpoint)
+    data = pool.subset(input_pipeline.cv_fold_indices(pool, config.cv_folds, k)[1])
+    probs = run.predict(data)
+    parts.append((data, probs))
+    folds.append(_fold_entry(k, run, data, probs))
+    logging.info("Fold %d of %d: %s", k, config.cv_folds, folds[-1])
+  labels = np.concatenate([d.labels for d, _ in parts])
+  probs = np.concatenate([p for _, p in parts])
+  patient_ids = np.concatenate([d.patient_ids for d, _ in parts])
+  filenames = np.concatenate([d.filenames for d, _ in parts])
+  aucs = [f["roc_auc"] for f in folds]
+  results = {
+    "target_sensitivity": None,
+    "threshold_0.5": metrics.evaluate_predictions(
+      labels, probs, patient_ids, 0.5, n_resamples=n_resamples
+    ),
+    "split": f"cv-{checkpoint}",
+    "dataset": config.dataset,
+    "model": config.model,
+    "cv": {
+      "train_split": config.train_split,
+      "folds": folds,
+      "checkpoint": checkpoint,
+      "fold_roc_auc_mean": float(np.mean(aucs)),
+      "fold_roc_auc_std": float(np.std(aucs, ddof=1)),
+    },
+  }
+  out_dir = os.path.join(workdir, "eval", f"cv-{checkpoint}")
+  if jax.process_index() == 0:
+    _write(out_dir, results, filenames, patient_ids, labels, probs, config)
+  return out_dir
+
+
+def _write(out_dir, results, filenames, patient_ids, labels, probs, config) -> None:
+  with report.atomic_dir(out_dir) as tmp:
+    report.write_results(tmp, results, filenames, patient_ids, labels, probs)
+    cv = results["cv"]
+    title = f"{config.model} on {config.dataset}, {len(cv['folds'])}-fold cross-validation"
+    curve = plots.curve_from_results(labels, probs, results)
+    plots.plot_roc({config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
+    lines = [
+      report.markdown_report(results, title=f"Out-of-fold predictions: {title}"),
+      f"Every image of `{cv['train_split']}` predicted once, by the model of the fold that held "
+      f"its patient out ({cv['checkpoint']} checkpoint of each fold). Fold ROC-AUC "
+      f"{cv['fold_roc_auc_mean']:.3f} ± {cv['fold_roc_auc_std']:.3f} (mean ± std).",
+      "",
+      "| fold | images | patients | ROC-AUC | accuracy (0.5) | step | training time (s) |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for f in cv["folds"]:
+      time_s = "unknown" if f["train_time_s"] is None else f"{f['train_time_s']:.0f}"
+      lines.append(
+        f"| {f['fold']} | {f['n_images']} | {f['n_patients']} | {f['roc_auc']:.3f} | "
+        f"{f['accuracy']:.3f} | {f['step']} | {time_s} |"
+      )
+    with open(os.path.join(tmp, "report.md"), "w") as f:
+      f.write("\n".join(lines) + "\n")

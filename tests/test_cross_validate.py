@@ -1,0 +1,127 @@
+"""Patient-wise cross-validation: the folds, a fold run, and `covid_flax.cross_validate` end to end."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, tiny_config
+from sklearn import metrics as skm
+
+from covid_flax import checkpointing, config_lib, cross_validation, inference, input_pipeline
+
+
+def _split_data(n_patients: int, seed: int = 0) -> input_pipeline.SplitData:
+  """1-3 images per patient, one label per patient, about a third positive."""
+  rng = np.random.default_rng(seed)
+  per_patient = rng.integers(1, 4, n_patients)
+  patient_labels = (rng.random(n_patients) < 0.35).astype(np.int32)
+  patients = np.repeat([f"p{i}" for i in range(n_patients)], per_patient)
+  labels = np.repeat(patient_labels, per_patient)
+  filenames = np.array([f"img{i}.png" for i in range(len(labels))])
+  images = np.zeros((len(labels), 4, 4, 1), np.uint8)
+  return input_pipeline.SplitData(images, labels, patients, filenames)
+
+
+def test_folds_are_patient_wise_stratified_disjoint_and_fixed():
+  data = _split_data(90)
+  held_out = []
+  for fold in range(3):
+    train_idx, eval_idx = input_pipeline.cv_fold_indices(data, 3, fold)
+    assert not set(data.patient_ids[train_idx]) & set(data.patient_ids[eval_idx])
+    assert sorted([*train_idx, *eval_idx]) == list(range(len(data)))
+    assert abs(data.labels[eval_idx].mean() - data.labels.mean()) < 0.1  # Stratified.
+    again = input_pipeline.cv_fold_indices(data, 3, fold)  # The same folds for every run.
+    np.testing.assert_array_equal(again[1], eval_idx)
+    held_out.extend(eval_idx.tolist())
+  assert sorted(held_out) == list(range(len(data)))  # Every image held out exactly once.
+  fold = data.subset(input_pipeline.cv_fold_indices(data, 3, 0)[1])
+  assert len(fold) == len(fold.filenames) == len(fold.patient_ids) == len(fold.images)
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+def test_too_few_patients_for_the_folds_names_the_field():
+  with pytest.raises(config_lib.ConfigError, match="config.cv_folds=5: 4 patients"):
+    input_pipeline.cv_fold_indices(_split_data(4), 5, 0)
+  labels = np.zeros(30, np.int32)
+  labels[:2] = 1  # Two COVID patients cannot fill three folds.
+  names = np.array([f"p{i}" for i in range(30)])
+  rare = input_pipeline.SplitData(np.zeros((30, 4, 4, 1), np.uint8), labels, names, names)
+  problems = []
+  for fold in range(3):
+    try:
+      input_pipeline.cv_fold_indices(rare, 3, fold)
+    except config_lib.ConfigError as e:
+      problems.append(str(e))
+  assert problems and all("one class only" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (dict(cv_folds=1), "config.cv_folds=1 is not allowed"),
+    (dict(cv_folds=3, cv_fold=3), r"config.cv_fold=3 is not allowed .* must be 0..2"),
+  ],
+)
+def test_bad_fold_fields_are_refused(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(tiny_config("", **overrides))
+
+
+def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
+  synthetic_data_dir, tmp_path
+):
+  workdir = str(tmp_path / "cv")
+  config = tiny_config(synthetic_data_dir, cv_folds=2, num_epochs=1)
+  pool = input_pipeline.load_split(config, "train")
+  out = cross_validation.cross_validate(config, workdir, n_resamples=50)
+
+  with open(f"{out}/predictions.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["filename"] for r in rows) == sorted(pool.filenames.tolist())
+  results = json.load(open(f"{out}/metrics.json"))
+  labels = np.array([int(r["label"]) for r in rows])
+  probs = np.array([float(r["probability"]) for r in rows])
+  auc = results["threshold_0.5"]["metrics"]["roc_auc"]["value"]
+  assert auc == pytest.approx(skm.roc_auc_score(labels, probs))
+  folds = results["cv"]["folds"]
+  assert [f["fold"] for f in folds] == [0, 1]
+  assert sum(f["n_images"] for f in folds) == len(pool)
+  assert "2-fold cross-validation" in open(f"{out}/report.md").read()
+
+  # Each fold run trained on the rest of the pool and validated (and chose its threshold) on its fold.
+  run = inference.load_run(f"{workdir}/fold_0", "latest")
+  summary = json.load(open(f"{workdir}/fold_0/train_summary.json"))
+  assert summary["num_train_examples"] == len(pool) - folds[0]["n_images"]
+  assert inference.operating_point(run)["chosen_on"] == "covid_synthetic/cxr:train fold 0 of 2"
+  assert input_pipeline.count_trained_on(run.config, "train") == summary["num_train_examples"]
+  assert input_pipeline.count_trained_on(run.config, "test") == 0
+  fold_0 = pool.subset(input_pipeline.cv_fold_indices(pool, 2, 0)[1])
+  by_name = dict(zip((r["filename"] for r in rows), probs, strict=True))
+  np.testing.assert_allclose(run.predict(fold_0), [by_name[f] for f in fold_0.filenames], 1e-5)
+
+  # Fold models trained on each other's validation data: no ensemble, no resuming another fold.
+  with pytest.raises(config_lib.ConfigError, match="config.cv_fold"):
+    inference.Ensemble([run, inference.load_run(f"{workdir}/fold_1", "latest")])
+  other_fold = tiny_config(synthetic_data_dir, cv_folds=2, cv_fold=1, num_epochs=1)
+  with pytest.raises(config_lib.ConfigError, match="cv_fold"):
+    checkpointing.check_workdir_compatible(f"{workdir}/fold_0", other_fold)
+
+  # Running it again trains nothing and scores the same.
+  steps = checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps()
+  cross_validation.cross_validate(config, workdir, n_resamples=50)
+  assert checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps() == steps
+  assert json.load(open(f"{out}/metrics.json")) == results
+
+
+def test_cross_validate_cli_refuses_a_config_without_folds(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "covid_flax.cross_validate", "--config=configs/synthetic.py",
+     f"--workdir={tmp_path / 'cv'}"],
+    cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 1
+  assert "error: config.cv_folds=0: cross-validation needs 2 or more folds" in result.stderr
+  assert not (tmp_path / "cv").exists()
