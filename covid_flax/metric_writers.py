@@ -14,8 +14,6 @@ import numpy as np
 from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 
-from covid_flax import input_pipeline
-
 
 class MetricWriter:
   def __init__(self, workdir: str):
@@ -79,9 +77,17 @@ def trim_host_memory() -> None:
 
 
 def write_train_summary(
-  workdir: str, config, num_train_examples: int, seconds: float, val_summary: dict | None
+  workdir: str,
+  config,
+  num_train_examples: int,
+  seconds: float,
+  val_summary: dict | None,
+  val_name: str,
 ) -> None:
-  """workdir/train_summary.json (training time summed over resumptions, the final val metrics)."""
+  """workdir/train_summary.json (training time summed over resumptions, the final val metrics).
+
+  `val_name` names the data behind `val_summary` in the printed line (e.g. a CV fold).
+  """
   path = os.path.join(workdir, "train_summary.json")
   previous = {}
   if os.path.exists(path):
@@ -100,5 +106,5 @@ def write_train_summary(
     json.dump(summary, f, indent=2)
   if val_summary:
     shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in val_summary.items()}
-    print(f"Final {input_pipeline.eval_name(config)}: accuracy {shown['accuracy']}, sensitivity "
+    print(f"Final {val_name}: accuracy {shown['accuracy']}, sensitivity "
           f"{shown['sensitivity']}, specificity {shown['specificity']}, AUC {shown['auc']}")  # fmt: skip

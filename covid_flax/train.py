@@ -309,8 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )  # fmt: skip
   if is_chief and start_step < total_steps:
     metric_writers.write_train_summary(
-      workdir, config, len(train_data), time.perf_counter() - t_start, val_summary
-    )
+      workdir, config, len(train_data), time.perf_counter() - t_start, val_summary,
+      input_pipeline.eval_name(config),
+    )  # fmt: skip
   elif is_chief:
     print(f"Training in {workdir} is already complete ({total_steps} steps); nothing to do.")
   return state
