@@ -163,3 +163,30 @@ def test_two_recipes_on_the_same_patients_are_compared_paired(tmp_path):
     for seed, p in ((0, strong), (1, weak))
   ]
   assert metrics.percentile_interval(unpaired[0] - unpaired[1]).low < 0
+
+
+_KEPT = Path(__file__).resolve().parents[1] / "results" / "ct_cv3_w32"
+
+
+@pytest.mark.parametrize(
+  "run_dir", sorted(p for p in _KEPT.iterdir() if p.is_dir()), ids=lambda p: p.name
+)
+def test_kept_cv_results_match_their_predictions(run_dir):
+  """Each kept run's metrics.json agrees with its predictions.csv, on the same patient-wise folds."""
+  from sklearn.metrics import roc_auc_score
+
+  run = compare.load_run(run_dir)
+  record = run.results["threshold_0.5"]
+  assert record["counts"] == {
+    "n_images": 543,
+    "n_patients": 289,
+    "n_positive": 251,
+    "n_negative": 292,
+  }
+  assert record["metrics"]["roc_auc"]["value"] == pytest.approx(
+    roc_auc_score(run.labels, run.probs)
+  )
+  accuracy = np.mean((run.probs >= 0.5) == run.labels)
+  assert record["metrics"]["accuracy"]["value"] == pytest.approx(accuracy)
+  reference = compare.load_run(_KEPT / "recipe")
+  assert compare.same_patients(run, reference), f"{run_dir} scored other images than the recipe"
