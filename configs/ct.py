@@ -19,7 +19,8 @@ def get_config():
   config.learning_rate = 1e-3
   config.weight_decay = 0.05
   config.label_smoothing = 0.1
-  config.dropout_rate = 0.2
+  # 0.2 until 2026-12: 3-fold CV over train+val, 3 seeds, +0.008 to +0.014 AUC without (README).
+  config.dropout_rate = 0.0
   config.ema_decay = 0.99
   config.aug_rotate = 10.0
   config.aug_zoom = 0.15
