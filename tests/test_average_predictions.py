@@ -130,3 +130,19 @@ def test_kept_cross_validation_seeds_average_to_the_readme_numbers(tmp_path):
   assert record["counts"]["n_images"] == 543 and record["counts"]["n_patients"] == 289
   assert round(record["metrics"]["roc_auc"]["value"], 3) == 0.849
   assert round(record["metrics"]["accuracy"]["value"], 3) == 0.792
+
+
+def test_kept_test_seeds_average_to_what_evaluate_ensemble_wrote(tmp_path):
+  """README CT table: `evaluate --ensemble` and this script agree on the 3-seed final fit."""
+  kept = _ROOT / "results" / "ct_test"
+  seeds = [kept / f"dropout_0_final_fit_seed{s}" for s in range(3)]
+  record = average.average_predictions(seeds, tmp_path / "ens", n_resamples=20)["threshold_0.5"]
+  assert record["counts"]["n_images"] == 201
+  assert round(record["metrics"]["accuracy"]["value"], 3) == 0.751
+  assert round(record["metrics"]["roc_auc"]["value"], 3) == 0.816
+  ours = average.read_scored_images(tmp_path / "ens")
+  theirs = average.read_scored_images(kept / "dropout_0_final_fit_ensemble3")
+  assert ours.keys() == theirs.keys() and len(ours) == 201
+  for name, (patient, label, probability) in theirs.items():
+    assert ours[name][:2] == (patient, label)
+    assert ours[name][2] == pytest.approx(probability, abs=1e-6)
