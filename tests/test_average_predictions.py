@@ -123,7 +123,7 @@ def test_existing_output_survives_a_failed_average(tmp_path):
 
 
 def test_kept_cross_validation_seeds_average_to_the_readme_numbers(tmp_path):
-  """README "Cross-validated checks": the 3-seed ensemble of the no-dropout recipe."""
+  """docs/results.md "Cross-validated checks": the 3-seed ensemble of the no-dropout recipe."""
   kept = _ROOT / "results" / "ct_cv3_w32"
   seeds = [kept / s for s in ("dropout_0", "dropout_0_seed1", "dropout_0_seed2")]
   record = average.average_predictions(seeds, tmp_path / "ens", n_resamples=20)["threshold_0.5"]
@@ -133,7 +133,7 @@ def test_kept_cross_validation_seeds_average_to_the_readme_numbers(tmp_path):
 
 
 def test_kept_test_seeds_average_to_what_evaluate_ensemble_wrote(tmp_path):
-  """README CT table: `evaluate --ensemble` and this script agree on the 3-seed final fit."""
+  """README / docs/results.md CT tables: `evaluate --ensemble` and this script agree on the 3-seed final fit."""
   kept = _ROOT / "results" / "ct_test"
   seeds = [kept / f"dropout_0_final_fit_seed{s}" for s in range(3)]
   record = average.average_predictions(seeds, tmp_path / "ens", n_resamples=20)["threshold_0.5"]
