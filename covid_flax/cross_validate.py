@@ -5,7 +5,9 @@
 
 Trains fold k in workdir/fold_k (each resumable, as `covid_flax.main`), predicts every held-out fold
 with the model that did not train on its patients, and evaluates the pooled out-of-fold predictions:
-each image of config.train_split is predicted once. Writes workdir/eval/cv-<checkpoint>/:
+each image of config.train_split is predicted once. Writes workdir/eval/cv-<checkpoint>/ (with
+--config.tta_hflip=True: cv-<checkpoint>-tta/, predicted with test-time flips; on a finished
+cross-validation that trains nothing, it only scores the folds again):
 metrics.json (threshold 0.5, patient-bootstrap CIs, and each fold's "folds" entry), predictions.csv,
 report.md and roc.png. The folds depend only on the data (`input_pipeline.cv_fold_indices`), so two
 recipes cross-validated on the same train_split are scored on the same images; compare them with a

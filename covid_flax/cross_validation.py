@@ -57,7 +57,7 @@ def cross_validate(
     fold_config.cv_fold = k
     fold_dir = os.path.join(workdir, f"fold_{k}")
     train.train_and_evaluate(fold_config, fold_dir)
-    run = inference.load_run(fold_dir, checkpoint)
+    run = inference.load_run(fold_dir, checkpoint, fold_config, strict=False)  # Its tta_hflip.
     data = pool.subset(input_pipeline.cv_fold_indices(pool, config.cv_folds, k)[1])
     probs = run.predict(data)
     parts.append((data, probs))
@@ -68,12 +68,13 @@ def cross_validate(
   patient_ids = np.concatenate([d.patient_ids for d, _ in parts])
   filenames = np.concatenate([d.filenames for d, _ in parts])
   aucs = [f["roc_auc"] for f in folds]
+  tag = f"cv-{checkpoint}" + ("-tta" if config.tta_hflip else "")
   results = {
     "target_sensitivity": None,
     "threshold_0.5": metrics.evaluate_predictions(
       labels, probs, patient_ids, 0.5, n_resamples=n_resamples
     ),
-    "split": f"cv-{checkpoint}",
+    "split": tag,
     "dataset": config.dataset,
     "model": config.model,
     "cv": {
@@ -84,7 +85,7 @@ def cross_validate(
       "fold_roc_auc_std": float(np.std(aucs, ddof=1)),
     },
   }
-  out_dir = os.path.join(workdir, "eval", f"cv-{checkpoint}")
+  out_dir = os.path.join(workdir, "eval", tag)
   if jax.process_index() == 0:
     _write(out_dir, results, filenames, patient_ids, labels, probs, config)
   return out_dir

@@ -115,6 +115,21 @@ def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
   assert checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps() == steps
   assert json.load(open(f"{out}/metrics.json")) == results
 
+  # With test-time flips it still trains nothing and writes its own folder, from the flipped
+  # predictions; the earlier folder stays as it was.
+  flipped = tiny_config(synthetic_data_dir, cv_folds=2, num_epochs=1, tta_hflip=True)
+  out_tta = cross_validation.cross_validate(flipped, workdir, n_resamples=50)
+  assert out_tta == f"{workdir}/eval/cv-latest-tta"
+  assert checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps() == steps
+  assert json.load(open(f"{out}/metrics.json")) == results
+  with open(f"{out_tta}/predictions.csv") as f:
+    by_name_tta = {r["filename"]: float(r["probability"]) for r in csv.DictReader(f)}
+  tta_probs = [by_name_tta[f] for f in fold_0.filenames]
+  run_tta = inference.load_run(f"{workdir}/fold_0", "latest", flipped, strict=False)
+  np.testing.assert_allclose(run_tta.predict(fold_0), tta_probs, 1e-5)
+  assert np.abs(np.subtract(tta_probs, [by_name[f] for f in fold_0.filenames])).max() > 1e-6
+  assert json.load(open(f"{out_tta}/metrics.json"))["split"] == "cv-latest-tta"
+
 
 def test_cross_validate_cli_refuses_a_config_without_folds(tmp_path):
   result = subprocess.run(
