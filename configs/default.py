@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0  # 0 disables clipping.
   config.label_smoothing = 0.0
   config.ema_decay = 0.0  # > 0: evaluate and checkpoint-select with an EMA of the weights.
+  config.sam_rho = 0.0  # > 0: sharpness-aware minimisation with this radius (2x compute).
   config.seed = 0
 
   # Logging and checkpoints.

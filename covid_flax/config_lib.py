@@ -32,6 +32,7 @@ ADDED_FIELDS = {
   "tta_hflip": False,
   "center_crop": 1.0,
   "equalize": False,
+  "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
 }
@@ -98,6 +99,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "grad_clip_norm": ((int, float), _NON_NEGATIVE),
   "label_smoothing": ((int, float), _range(0, 1)),
   "ema_decay": ((int, float), _range(0, 0.99999)),
+  "sam_rho": ((int, float), _NON_NEGATIVE),
   "seed": (int, _NON_NEGATIVE),
   "log_every_steps": (int, _POSITIVE),
   "checkpoint_every_steps": (int, _NON_NEGATIVE),
@@ -175,8 +177,9 @@ def incompatible_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[
     for f in INCOMPATIBLE_FIELDS
     if f in saved and saved.get(f) != config[f]
   }
-  if "grad_clip_norm" in saved and (saved["grad_clip_norm"] > 0) != (config.grad_clip_norm > 0):
-    diff["grad_clip_norm"] = (saved["grad_clip_norm"], config.grad_clip_norm)
+  for f in ("grad_clip_norm", "sam_rho"):  # Switching these on or off changes the optimizer state.
+    if f in saved and (saved[f] > 0) != (config[f] > 0):
+      diff[f] = (saved[f], config[f])
   return diff
 
 

@@ -216,6 +216,11 @@ def make_parallel_step(
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   """Pretrains in `workdir`, resuming from its latest usable checkpoint; returns the state."""
   config_lib.validate(config)
+  if config.sam_rho > 0:
+    raise config_lib.ConfigError(
+      f"config.sam_rho={config.sam_rho}: sharpness-aware minimisation is for `covid_flax.main` "
+      "only; pretrain with sam_rho=0"
+    )
   checkpointing.check_workdir_compatible(workdir, config)
   mesh = parallel.create_mesh()
   data = input_pipeline.load_split(config, config.train_split)

@@ -82,7 +82,12 @@ def create_optimizer(
     )
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
+  if config.sam_rho > 0:
+    # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the worst
+    # point within `sam_rho` of the weights (one normalised ascent step): twice the compute.
+    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
+    tx = optax.contrib.sam(tx, ascent, opaque_mode=True)
+  return optax.with_extra_args_support(tx)
 
 
 def create_train_state(
@@ -158,7 +163,13 @@ def train_step(
   (loss, logits), grads = grad_fn(model)
   model_state = nnx.state(model, nnx.Not(nnx.Param))
   grads = jax.lax.pmean(grads, DATA_AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+
+  def grads_at(params, _):  # SAM's second gradient: same batch, its BatchNorm update dropped.
+    perturbed = nnx.merge(graphdef, jax.lax.pcast(params, DATA_AXIS, to="varying"),
+                          state.model_state)  # fmt: skip
+    return jax.lax.pmean(grad_fn(perturbed)[1], DATA_AXIS)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grads_at)
   params = optax.apply_updates(state.params, updates)
   # EMA with the usual warm-up: early averages are not dominated by the random initialisation.
   decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))

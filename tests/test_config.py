@@ -76,6 +76,7 @@ def test_a_cropped_run_cannot_resume_uncropped():
     ("optimizer", "adamw", "sgd"),
     ("batch_size", 32, 64),
     ("grad_clip_norm", 0.0, 1.0),
+    ("sam_rho", 0.0, 0.05),
     ("equalize", False, True),
     ("train_split", "train", "train+val"),
   ],

@@ -297,3 +297,56 @@ def test_host_memory_trim_finds_glibc_on_linux():
     pytest.skip("malloc_trim is glibc's; elsewhere the trim is a no-op by design")
   assert metric_writers._libc_malloc_trim() is not None
   metric_writers.trim_host_memory()
+
+
+def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir):
+  """With SGD, one SAM step is w - lr * grad(w + rho * g / |g|), g = grad(w): checked against that
+  formula evaluated by hand on the same batch."""
+  import jax
+  from conftest import data_mesh
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from covid_flax import input_pipeline, parallel
+
+  config = tiny_config(synthetic_data_dir, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                       grad_clip_norm=0.0, warmup_epochs=0.0, lr_schedule="constant",
+                       dropout_rate=0.0, sam_rho=0.5)  # fmt: skip
+  mesh = data_mesh(1)
+  data = input_pipeline.load_split(config, "train")
+  tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  graphdef, state0 = train.create_train_state(config, tx)
+  state0 = jax.device_get(state0)  # A host copy: the step donates the device one.
+  batch = {"index": np.arange(32, dtype=np.int32), "label": data.labels[:32]}
+  p_train, _ = train.make_parallel_steps(mesh, graphdef, tx, config)
+  state1, _ = p_train(jax.device_put(state0, parallel.replicated(mesh)),
+                      input_pipeline.device_cache(mesh, data), parallel.global_batch(mesh, batch))  # fmt: skip
+
+  images = train.normalize(data.images[:32])
+
+  def grad(params, model_state):
+    def loss(model):
+      logits = model(images, train=True)
+      return train.cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+
+    model = nnx.merge(graphdef, params, model_state)
+    return nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(model)
+
+  # BatchNorm averages over the `data` axis: evaluate on the same 1-device mesh.
+  sharded_grad = jax.shard_map(grad, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+  model_state = jax.tree.map(jax.numpy.asarray, state0.model_state)
+  g = sharded_grad(state0.params, model_state)
+  scale = config.sam_rho / np.sqrt(sum(float((x**2).sum()) for x in jax.tree.leaves(g)))
+  g_sam = sharded_grad(jax.tree.map(lambda w, d: w + scale * d, state0.params, g), model_state)
+  expected = jax.tree.map(lambda w, d: w - config.learning_rate * d, state0.params, g_sam)
+  plain = jax.tree.map(lambda w, d: w - config.learning_rate * d, state0.params, g)
+  for got, want, sgd in zip(*map(jax.tree.leaves, (state1.params, expected, plain))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+  assert any(not np.allclose(w, s) for w, s in zip(*map(jax.tree.leaves, (expected, plain))))
+
+
+def test_pretraining_refuses_sam(synthetic_data_dir, tmp_path):
+  from covid_flax import ssl
+
+  with pytest.raises(config_lib.ConfigError, match=r"config.sam_rho=0.05"):
+    ssl.pretrain(tiny_config(synthetic_data_dir, sam_rho=0.05), str(tmp_path / "ssl"))
