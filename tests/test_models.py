@@ -31,12 +31,13 @@ def test_every_model_maps_images_to_logits_and_features_to_head(name):
     assert hasattr(model, attribute), f"{name}.HEAD_MODULES names a missing {attribute!r}"
 
 
-def test_narrow_resnet18_has_a_quarter_of_the_weights():
+def test_each_halving_of_the_resnet18_width_quarters_the_weights():
   def count(name):
     model = models.create_model(name, image_size=64, rngs=nnx.Rngs(0))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
   assert 0.24 < count("resnet18_w32") / count("resnet18") < 0.26
+  assert 0.24 < count("resnet18_w16") / count("resnet18_w32") < 0.26
 
 
 def test_unknown_model_names_the_choices():

@@ -4,7 +4,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet50
+from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet18Quarter, ResNet50
 from covid_flax.models.seed_cnn import SeedCNN
 from covid_flax.models.tiny import TinyCNN
 
@@ -15,6 +15,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
   "seed_cnn": SeedCNN,
   "resnet18": ResNet18,
   "resnet18_w32": ResNet18Narrow,
+  "resnet18_w16": ResNet18Quarter,
   "resnet50": ResNet50,
   "tiny_cnn": TinyCNN,
 }

@@ -100,4 +100,5 @@ class ResNet(nnx.Module):
 ResNet18 = partial(ResNet, (2, 2, 2, 2), False)
 # Half the channels of every layer: a quarter of the parameters and FLOPs, for ~400-image datasets.
 ResNet18Narrow = partial(ResNet, (2, 2, 2, 2), False, width=32)
+ResNet18Quarter = partial(ResNet, (2, 2, 2, 2), False, width=16)  # A sixteenth of the parameters.
 ResNet50 = partial(ResNet, (3, 4, 6, 3), True)
