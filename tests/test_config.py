@@ -30,6 +30,7 @@ def test_shipped_configs_are_valid(name):
     ("image_size", 64.0, "config.image_size=64.0 has type float"),
     ("center_crop", 0.1, "config.center_crop=0.1 is not allowed; it must be >= 0.2 and <= 1"),
     ("equalize", "yes", "config.equalize='yes' has type str"),
+    ("sam_rho", -0.05, "config.sam_rho=-0.05 is not allowed; it must be >= 0"),
   ],
 )
 def test_bad_field_is_named(field, value, message):
@@ -92,11 +93,12 @@ def test_fields_that_change_the_train_state_block_resume(field, saved, now):
   assert config_lib.incompatible_fields(saved_config, config) == {field: (saved, now)}
 
 
-def test_clipping_at_another_norm_can_resume():
+@pytest.mark.parametrize("field", ["grad_clip_norm", "sam_rho"])
+def test_another_clipping_norm_or_sam_radius_can_resume(field):
   config = synthetic.get_config()
-  config.grad_clip_norm = 1.0
+  config[field] = 1.0
   saved_config = config.to_dict()
-  config.grad_clip_norm = 3.0
+  config[field] = 3.0
   assert config_lib.incompatible_fields(saved_config, config) == {}
 
 
