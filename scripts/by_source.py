@@ -1,25 +1,31 @@
 """How well an evaluated model separates the classes within each image source: a shortcut check.
 
   python scripts/by_source.py runs/ct/eval/test-741 [--source_regex='^([a-z]+)_']
+  python scripts/by_source.py runs/ct/eval/test-741 --images_root=DATA/COVID-CT/Images-processed
 
 Reads `predictions.csv` and `metrics.json` of one evaluation. An image's source is the first group
 of `--source_regex` matched against its patient id; by default the id without its trailing number
 (COVID-CT: "medpix_patient_2" -> "medpix_patient", "crawled_patient_7" -> "crawled_patient",
 "Patient 167" -> "Patient"). For each source of one class it prints the ROC-AUC of that source
 against *all* images of the other class, with a patient-bootstrap 95 % interval, and the share of
-its images called COVID at the val threshold. A model that detects the disease separates the
-classes about equally well whatever the source; one that detects the source does not.
+its images called COVID at the val threshold (at 0.5 where the evaluation has none, as in
+cross-validation). A model that detects the disease separates the classes about equally well
+whatever the source; one that detects the source does not. With `--images_root` (the folder the
+predictions' file names are relative to) the groups are the images' file formats instead, read
+from their content (COVID-CT: all COVID files are named .png, but 34 hold JPEG data).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from sklearn.metrics import roc_auc_score
 
 if __package__ in (None, ""):  # Run as a script from a checkout: make covid_flax importable.
@@ -38,11 +44,31 @@ def source_of(patient_id: str, source_regex: str = _DEFAULT_REGEX) -> str:
   return (match.group(1) if match and match.groups() else "") or "?"
 
 
+def format_of(path: Path) -> str:
+  """The image file's format by content ('jpeg', 'png', ...), whatever its name says."""
+  try:
+    with Image.open(path) as image:
+      return image.format.lower()
+  except (OSError, UnidentifiedImageError) as e:
+    raise ValueError(
+      f"{path}: cannot read the image's format ({e}); is --images_root right?"
+    ) from e
+
+
+def _file_names(predictions: Path) -> list[str]:
+  with open(predictions, newline="") as f:
+    return [row["filename"] for row in csv.DictReader(f)]
+
+
 def by_source(
-  eval_dir: str | Path, source_regex: str = _DEFAULT_REGEX, n_resamples: int = 1000
+  eval_dir: str | Path,
+  source_regex: str = _DEFAULT_REGEX,
+  n_resamples: int = 1000,
+  images_root: str | Path | None = None,
 ) -> list[dict]:
-  """One row per (class, source): n, share called COVID at the val threshold, ROC-AUC against
-  all images of the other class with its patient-bootstrap interval."""
+  """One row per (class, source): n, share called COVID at the val threshold (0.5 without one),
+  ROC-AUC against all images of the other class with its patient-bootstrap interval. The sources
+  are the images' formats when `images_root` is given."""
   try:
     groups = re.compile(source_regex).groups
   except re.error as e:
@@ -53,10 +79,17 @@ def by_source(
   labels, probs, pids = report.read_predictions(eval_dir / "predictions.csv")
   with open(eval_dir / "metrics.json") as f:
     results = json.load(f)
-  if "threshold_val" not in results:
-    raise ValueError(f"{eval_dir / 'metrics.json'} has no 'threshold_val' record")
-  threshold = results["threshold_val"]["threshold"]
-  sources = np.array([source_of(str(p), source_regex) for p in pids])
+  record = results.get("threshold_val") or results.get("threshold_0.5")
+  if record is None:
+    raise ValueError(
+      f"{eval_dir / 'metrics.json'} has no 'threshold_val' or 'threshold_0.5' record"
+    )
+  threshold = record["threshold"]
+  if images_root is None:
+    sources = np.array([source_of(str(p), source_regex) for p in pids])
+  else:
+    names = _file_names(eval_dir / "predictions.csv")
+    sources = np.array([format_of(Path(images_root) / name) for name in names])
   rows = []
   for label in (1, 0):
     for source in sorted(set(sources[labels == label])):
@@ -68,6 +101,7 @@ def by_source(
         "class": LABEL_NAMES[label],
         "source": source,
         "n_images": int(mine.sum()),
+        "threshold": threshold,
         "called_covid": float(np.mean(probs[mine] >= threshold)),
         "roc_auc_vs_other_class": float(roc_auc_score(y, p)),
         "roc_auc_ci": [ci.low, ci.high],
@@ -80,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("eval_dir", help="an evaluation folder: workdir/eval/<split>-<step>")
   parser.add_argument("--source_regex", default=_DEFAULT_REGEX,
                       help="regex over patient ids whose first group names the source")  # fmt: skip
+  parser.add_argument("--images_root", default=None,
+                      help="group by file format instead, reading the images under this folder")  # fmt: skip
   parser.add_argument("--n_resamples", type=int, default=1000)
   args = parser.parse_args(argv)
   try:
-    rows = by_source(args.eval_dir, args.source_regex, args.n_resamples)
+    rows = by_source(args.eval_dir, args.source_regex, args.n_resamples, args.images_root)
   except (OSError, ValueError) as e:
     print(f"by_source: {e}", file=sys.stderr)
     return 1
-  print("| class | source | images | called COVID (val threshold) | ROC-AUC vs the other class |")
+  group = "source" if args.images_root is None else "format"
+  threshold = f"{rows[0]['threshold']:.3g}" if rows else "n/a"
+  print(f"| class | {group} | images | called COVID (threshold {threshold}) | "
+        "ROC-AUC vs the other class |")  # fmt: skip
   print("|---|---|---|---|---|")
   for r in rows:
     lo, hi = r["roc_auc_ci"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from covid_flax import metrics, report
 
@@ -75,4 +76,45 @@ def test_bad_source_regex_is_named(eval_dir, regex, message, capsys):
 def test_metrics_without_a_val_threshold_is_named(eval_dir, capsys):
   (eval_dir / "metrics.json").write_text("{}")
   assert by_source.main([str(eval_dir)]) == 1
-  assert "metrics.json has no 'threshold_val' record" in capsys.readouterr().err
+  assert "metrics.json has no 'threshold_val' or 'threshold_0.5' record" in capsys.readouterr().err
+
+
+def test_cross_validation_predictions_use_threshold_half(eval_dir):
+  """Pooled CV predictions have no val threshold: the shares called COVID are at 0.5."""
+  results = json.loads((eval_dir / "metrics.json").read_text())
+  results["threshold_val"]["threshold"] = 0.9  # Calls few COVID.
+  (eval_dir / "metrics.json").write_text(json.dumps(results))
+  rows = by_source.by_source(eval_dir, n_resamples=20)
+  assert rows[0]["threshold"] == 0.9 and rows[0]["called_covid"] < 0.25
+  del results["threshold_val"]
+  (eval_dir / "metrics.json").write_text(json.dumps(results))
+  rows = {(r["class"], r["source"]): r for r in by_source.by_source(eval_dir, n_resamples=20)}
+  covid = rows["covid", "Patient"]
+  assert covid["threshold"] == 0.5 and covid["called_covid"] > 0.75
+
+
+def _write_image(path: Path, fmt: str) -> None:
+  pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+  Image.fromarray(pixels).save(path, format=fmt)
+
+
+def test_groups_by_file_format_read_from_content(eval_dir, tmp_path, capsys):
+  """Images 0-39 COVID, 40-69 the shortcut non-COVID group, 70-99 mixed with COVID. Formats:
+  COVID PNG except 0-4, which hold JPEG data under a .png name; non-COVID 40-69 JPEG, 70-99 PNG."""
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(100):
+    _write_image(images / f"{i}.png", "JPEG" if i < 5 or 40 <= i < 70 else "PNG")
+  rows = by_source.by_source(eval_dir, n_resamples=20, images_root=images)
+  rows = {(r["class"], r["source"]): r for r in rows}
+  assert {key: r["n_images"] for key, r in rows.items()} == {
+    ("covid", "jpeg"): 5, ("covid", "png"): 35, ("non_covid", "jpeg"): 30, ("non_covid", "png"): 30
+  }  # fmt: skip
+  assert rows["non_covid", "jpeg"]["roc_auc_vs_other_class"] == 1.0
+  assert rows["non_covid", "png"]["roc_auc_vs_other_class"] < 0.7
+  assert by_source.main([str(eval_dir), f"--images_root={images}", "--n_resamples=20"]) == 0
+  assert "| class | format | images |" in capsys.readouterr().out
+  (images / "7.png").unlink()
+  assert by_source.main([str(eval_dir), f"--images_root={images}"]) == 1
+  err = capsys.readouterr().err
+  assert f"{images / '7.png'}: cannot read the image's format" in err and "--images_root" in err
