@@ -78,6 +78,12 @@ def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, n
   return labels, probs, np.array([r["patient_id"] for r in rows], dtype=object)
 
 
+def read_filenames(path: str | os.PathLike) -> list[str]:
+  """The `filename` column of a predictions.csv that `read_predictions` has accepted."""
+  with open(path, newline="") as f:
+    return [row["filename"] for row in csv.DictReader(f)]
+
+
 def format_value(rec: Mapping[str, Any], digits: int = 3) -> str:
   """'0.912 [0.871, 0.945]' from a metric record; 'n/a' for undefined values."""
   if rec.get("value") is None:

@@ -15,7 +15,6 @@ any evaluation. It is written whole or not at all.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +32,7 @@ def read_scored_images(eval_dir: Path) -> dict[str, tuple[str, int, float]]:
   """filename -> (patient_id, label, probability) of `eval_dir/predictions.csv`."""
   path = eval_dir / "predictions.csv"
   labels, probs, patient_ids = report.read_predictions(path)  # Checks the file and its columns.
-  with open(path, newline="") as f:
-    filenames = [row["filename"] for row in csv.DictReader(f)]
+  filenames = report.read_filenames(path)
   scored = dict(zip(filenames, zip(patient_ids, labels.tolist(), probs.tolist())))
   if len(scored) != len(filenames):
     raise ValueError(f"{path}: a filename appears more than once")

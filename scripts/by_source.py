@@ -18,7 +18,6 @@ from their content (COVID-CT: all COVID files are named .png, but 34 hold JPEG d
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -55,11 +54,6 @@ def format_of(path: Path) -> str:
     ) from e
 
 
-def _file_names(predictions: Path) -> list[str]:
-  with open(predictions, newline="") as f:
-    return [row["filename"] for row in csv.DictReader(f)]
-
-
 def by_source(
   eval_dir: str | Path,
   source_regex: str = _DEFAULT_REGEX,
@@ -88,7 +82,7 @@ def by_source(
   if images_root is None:
     sources = np.array([source_of(str(p), source_regex) for p in pids])
   else:
-    names = _file_names(eval_dir / "predictions.csv")
+    names = report.read_filenames(eval_dir / "predictions.csv")
     sources = np.array([format_of(Path(images_root) / name) for name in names])
   rows = []
   for label in (1, 0):
