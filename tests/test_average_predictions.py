@@ -132,6 +132,21 @@ def test_kept_cross_validation_seeds_average_to_the_readme_numbers(tmp_path):
   assert round(record["metrics"]["accuracy"]["value"], 3) == 0.792
 
 
+def test_kept_cross_validation_recipes_average_to_the_results_numbers(tmp_path):
+  """docs/results.md "Cross-validated checks": 3 seeds + 96 pixels + SAM, 5 training paths."""
+  kept = _ROOT / "results" / "ct_cv3_w32"
+  names = (
+    "dropout_0",
+    "dropout_0_seed1",
+    "dropout_0_seed2",
+    "dropout_0_img96",
+    "dropout_0_sam05_e60",
+  )
+  record = average.average_predictions([kept / n for n in names], tmp_path / "ens", n_resamples=20)
+  assert round(record["threshold_0.5"]["metrics"]["roc_auc"]["value"], 3) == 0.856
+  assert round(record["threshold_0.5"]["metrics"]["accuracy"]["value"], 3) == 0.794
+
+
 def test_kept_test_seeds_average_to_what_evaluate_ensemble_wrote(tmp_path):
   """README / docs/results.md CT tables: `evaluate --ensemble` and this script agree on the 3-seed final fit."""
   kept = _ROOT / "results" / "ct_test"
