@@ -11,7 +11,7 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
-DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize")
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask")
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
 # agree: a member trained on another's validation data would leak into the threshold).
 EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
@@ -32,6 +32,7 @@ ADDED_FIELDS = {
   "tta_hflip": False,
   "center_crop": 1.0,
   "equalize": False,
+  "lung_mask": False,
   "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
@@ -74,6 +75,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "image_size": (int, _range(32, 1024)),
   "center_crop": ((int, float), _range(0.2, 1)),
   "equalize": (bool, _ANY),
+  "lung_mask": (bool, _ANY),
   "augment": (bool, _ANY),
   "aug_rotate": ((int, float), _range(0, 180)),
   "aug_zoom": ((int, float), _range(0, 0.9)),

@@ -32,11 +32,15 @@ from covid_flax import main as cli
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint of each fold.")
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the intervals.")
+flags.DEFINE_list("matched_sources", [], "The sources of the source-matched subset in the "
+                  "results by group (default: every source with images of both classes).")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
   def entry(config: ml_collections.ConfigDict, workdir: str) -> None:
-    out_dir = cross_validation.cross_validate(config, workdir, FLAGS.checkpoint, FLAGS.n_resamples)
+    out_dir = cross_validation.cross_validate(
+      config, workdir, FLAGS.checkpoint, FLAGS.n_resamples, FLAGS.matched_sources
+    )
     if jax.process_index() == 0:
       print(open(os.path.join(out_dir, "report.md")).read())
       print(f"Cross-validation written to {out_dir}")

@@ -3,6 +3,7 @@ evaluated. The command line and what it writes: `covid_flax/cross_validate.py`."
 
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -10,7 +11,16 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from covid_flax import config_lib, inference, input_pipeline, metrics, plots, report, train
+from covid_flax import (
+  config_lib,
+  inference,
+  input_pipeline,
+  metrics,
+  plots,
+  report,
+  subgroups,
+  train,
+)
 
 
 def _fold_entry(
@@ -38,8 +48,10 @@ def cross_validate(
   workdir: str,
   checkpoint: str = "latest",
   n_resamples: int = 1000,
+  matched_sources: Sequence[str] = (),
 ) -> str:
-  """Trains and scores every fold of config.cv_folds; returns the output folder."""
+  """Trains and scores every fold of config.cv_folds; returns the output folder.
+  `matched_sources`: the source-matched subset of the results by group (`subgroups`)."""
   if config.cv_folds < 2:
     raise config_lib.ConfigError(
       f"config.cv_folds={config.cv_folds}: cross-validation needs 2 or more folds, e.g. "
@@ -51,6 +63,7 @@ def cross_validate(
       "covid_flax.main to train a single fold)"
     )
   pool = input_pipeline.load_split(config, config.train_split)
+  subgroups.check_matched_sources(matched_sources, pool.attributes)  # Before hours of training.
   parts, folds = [], []
   for k in range(config.cv_folds):
     fold_config = config.copy_and_resolve_references()
@@ -67,12 +80,16 @@ def cross_validate(
   probs = np.concatenate([p for _, p in parts])
   patient_ids = np.concatenate([d.patient_ids for d, _ in parts])
   filenames = np.concatenate([d.filenames for d, _ in parts])
+  attributes = {k: np.concatenate([d.attributes[k] for d, _ in parts]) for k in pool.attributes}
   aucs = [f["roc_auc"] for f in folds]
   tag = f"cv-{checkpoint}" + ("-tta" if config.tta_hflip else "")
   results = {
     "target_sensitivity": None,
     "threshold_0.5": metrics.evaluate_predictions(
       labels, probs, patient_ids, 0.5, n_resamples=n_resamples
+    ),
+    "subgroups": subgroups.subgroup_results(
+      labels, probs, patient_ids, attributes, 0.5, n_resamples, matched_sources
     ),
     "split": tag,
     "dataset": config.dataset,
@@ -87,13 +104,13 @@ def cross_validate(
   }
   out_dir = os.path.join(workdir, "eval", tag)
   if jax.process_index() == 0:
-    _write(out_dir, results, filenames, patient_ids, labels, probs, config)
+    _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, config)
   return out_dir
 
 
-def _write(out_dir, results, filenames, patient_ids, labels, probs, config) -> None:
+def _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, config) -> None:
   with report.atomic_dir(out_dir) as tmp:
-    report.write_results(tmp, results, filenames, patient_ids, labels, probs)
+    report.write_results(tmp, results, filenames, patient_ids, labels, probs, attributes)
     cv = results["cv"]
     title = f"{config.model} on {config.dataset}, {len(cv['folds'])}-fold cross-validation"
     curve = plots.curve_from_results(labels, probs, results)
@@ -113,5 +130,7 @@ def _write(out_dir, results, filenames, patient_ids, labels, probs, config) -> N
         f"| {f['fold']} | {f['n_images']} | {f['n_patients']} | {f['roc_auc']:.3f} | "
         f"{f['accuracy']:.3f} | {f['step']} | {time_s} |"
       )
+    if results["subgroups"]:
+      lines += ["", subgroups.markdown(results["subgroups"])]
     with open(os.path.join(tmp, "report.md"), "w") as f:
       f.write("\n".join(lines) + "\n")

@@ -1,10 +1,12 @@
 """Evaluates a trained checkpoint on a split, or on a folder of external images.
 
   python -m covid_flax.evaluate --workdir=runs/cxr [--config=configs/cxr.py]
-      [--checkpoint=best|latest|STEP] [--split=test] [--images_dir=DIR] [--ensemble=DIR2,DIR3]
+      [--checkpoint=best|latest|STEP] [--split=test] [--images_dir=DIR [--labels=CSV]]
+      [--ensemble=DIR2,DIR3]
 
-Writes `workdir/eval/<split>-<step>/` (or `images-<dir name>-<step>/`): metrics.json (every metric
-with a 95 % CI, at the operating point chosen on val and at 0.5), predictions.csv, report.md, and
+Writes `workdir/eval/<split>-<step>/` (or `images-<dir name>[-<labels name>]-<step>/`): metrics.json
+(every metric with a 95 % CI, at the operating point chosen on val and at 0.5, and by image source,
+view and finding where the data has them: `covid_flax.subgroups`), predictions.csv, report.md, and
 PNG plots (ROC, precision-recall, confusion matrix, reliability, training curves, Grad-CAM). The
 folder is written under a temporary name and renamed at the end: it is complete or absent.
 `--ensemble` averages the probabilities of more runs (seeds) with this one; its outputs are tagged
@@ -13,6 +15,7 @@ folder is written under a temporary name and renamed at the end: it is complete 
 
 import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -29,6 +32,7 @@ from covid_flax import (
   metrics,
   plots,
   report,
+  subgroups,
   train,
 )
 
@@ -40,10 +44,18 @@ flags.DEFINE_string("split", "test", "The dataset split to evaluate.")
 flags.DEFINE_string(
   "images_dir", None, "Evaluate this folder (with labels.csv) instead of a split."
 )
+flags.DEFINE_string(
+  "labels",
+  None,
+  "With --images_dir: the labels csv (relpaths relative to --images_dir); "
+  "default --images_dir/labels.csv.",
+)
 flags.DEFINE_list("ensemble", [], "More workdirs (same data) to average with --workdir's run; "
                   "each uses its --checkpoint.")  # fmt: skip
 flags.DEFINE_bool("tta_hflip", None, "Average each prediction with its mirror image's (outputs "
                   "tagged <step>-tta); default: the run's config.tta_hflip.")  # fmt: skip
+flags.DEFINE_list("matched_sources", [], "The sources of the source-matched subset in the "
+                  "results by group (default: every source with images of both classes).")  # fmt: skip
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the CIs.")
 flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP, FP, FN).")
 flags.mark_flags_as_required(["workdir"])
@@ -80,9 +92,12 @@ def evaluate(
   n_resamples: int = 1000,
   gradcam_per_group: int = 4,
   num_trained_on: int = 0,
+  matched_sources: Sequence[str] = (),
 ) -> str:
   """Writes every evaluation output for `data` to workdir/eval/<name>-<step>; returns the path.
-  `num_trained_on`: how many of its examples the run trained on (said in the report)."""
+  `num_trained_on`: how many of its examples the run trained on (said in the report);
+  `matched_sources`: the source-matched subset (`subgroups.subgroup_results`)."""
+  subgroups.check_matched_sources(matched_sources, data.attributes)
   point = inference.operating_point(run)
   probs = run.predict(data)
   results = metrics.evaluate_at_thresholds(
@@ -92,9 +107,15 @@ def evaluate(
   results.update(split=name, step=run.step, dataset=run.config.dataset, model=run.config.model,
                  threshold_chosen_on=point["chosen_on"], num_trained_on=num_trained_on)  # fmt: skip
   results.update(run.describe())
+  results["subgroups"] = subgroups.subgroup_results(
+    data.labels, probs, data.patient_ids, data.attributes, point["threshold"], n_resamples,
+    matched_sources,
+  )  # fmt: skip
   out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
   with report.atomic_dir(out_dir) as tmp:
-    report.write_results(tmp, results, data.filenames, data.patient_ids, data.labels, probs)
+    report.write_results(
+      tmp, results, data.filenames, data.patient_ids, data.labels, probs, data.attributes
+    )
     which = (
       f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
     )
@@ -118,6 +139,8 @@ def evaluate(
     markdown = report.markdown_report(results, title=f"Evaluation: {title}")
     with open(os.path.join(tmp, "report.md"), "w") as f:
       f.write(markdown)
+      if results["subgroups"]:
+        f.write("\n" + subgroups.markdown(results["subgroups"]))
       if num_trained_on:
         f.write(f"\n**Not held out**: the run trained on {num_trained_on} of these {len(data)} "
                 f"examples ({run.config.train_split!r}).\n")  # fmt: skip
@@ -135,6 +158,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metric_writers.quiet_library_logs()
+  if FLAGS.labels and not FLAGS.images_dir:
+    sys.exit(f"error: --labels={FLAGS.labels} needs --images_dir (the folder its relpaths are in)")
   try:
     config = FLAGS.config
     if FLAGS.tta_hflip is not None:
@@ -149,14 +174,17 @@ def main(argv):
                 for w in FLAGS.ensemble]  # fmt: skip
       run = inference.Ensemble([run, *others])
     if FLAGS.images_dir:
-      data = inference.load_images_dir(FLAGS.images_dir, run.config)
+      data = inference.load_images_dir(FLAGS.images_dir, run.config, FLAGS.labels)
       name = "images-" + os.path.basename(os.path.normpath(FLAGS.images_dir))
+      if FLAGS.labels:
+        name += "-" + os.path.splitext(os.path.basename(FLAGS.labels))[0]
       trained_on = 0
     else:
       data = input_pipeline.load_split(run.config, FLAGS.split)
       name = FLAGS.split
       trained_on = input_pipeline.count_trained_on(run.config, FLAGS.split)
-    out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group, trained_on)
+    out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group, trained_on,
+                       FLAGS.matched_sources)  # fmt: skip
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   logging.info("Wrote %s", out_dir)

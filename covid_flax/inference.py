@@ -220,11 +220,15 @@ def _parse_label(value: str, where: str) -> int:
   raise common.DatasetError(f"{where}: unknown label {value!r}; use one of {list(names)} or 0/1")
 
 
-def load_images_dir(images_dir: str, config: ml_collections.ConfigDict) -> input_pipeline.SplitData:
-  """A folder of images with `labels.csv` (relpath,label[,patient_id]) as a split. Without a
-  patient_id column (or with an empty cell) an image is its own patient; with it, the patient
-  bootstrap keeps each patient's images together."""
-  labels_csv = os.path.join(images_dir, "labels.csv")
+def load_images_dir(
+  images_dir: str, config: ml_collections.ConfigDict, labels_csv: str | None = None
+) -> input_pipeline.SplitData:
+  """A folder of images listed in a labels.csv (relpath,label[,patient_id][,source][,view]...;
+  default `images_dir/labels.csv`, relpaths relative to `images_dir`) as a split. Without a
+  patient_id (column or cell) an image is its own patient; with it, the patient bootstrap keeps each
+  patient's images together. Columns named in `input_pipeline.GROUP_FEATURES` (source, view,
+  finding) give results by group."""
+  labels_csv = labels_csv or os.path.join(images_dir, "labels.csv")
   if not os.path.isfile(labels_csv):
     raise common.DatasetError(
       f"{labels_csv} not found: --images_dir needs a labels.csv (relpath,label[,patient_id])"
@@ -236,6 +240,7 @@ def load_images_dir(images_dir: str, config: ml_collections.ConfigDict) -> input
       raise common.DatasetError(
         f"{labels_csv}: needs the header 'relpath,label[,patient_id]', got {reader.fieldnames}"
       )
+    groups = {g: [] for g in input_pipeline.GROUP_FEATURES if g in reader.fieldnames}
     for line, row in enumerate(reader, start=2):
       where = f"{labels_csv} line {line}"
       path = os.path.join(images_dir, row["relpath"] or "")
@@ -244,9 +249,15 @@ def load_images_dir(images_dir: str, config: ml_collections.ConfigDict) -> input
       labels.append(_parse_label(row["label"] or "", where))
       relpaths.append(row["relpath"])
       patients.append((row.get("patient_id") or "").strip() or row["relpath"])
+      for g, values in groups.items():
+        values.append((row[g] or "").strip())
   if not relpaths:
     raise common.DatasetError(f"{labels_csv} lists no images")
   images = load_images([os.path.join(images_dir, p) for p in relpaths], config)
   return input_pipeline.SplitData(
-    images, np.asarray(labels, np.int32), np.asarray(patients), np.asarray(relpaths)
+    images,
+    np.asarray(labels, np.int32),
+    np.asarray(patients),
+    np.asarray(relpaths),
+    {g: np.asarray(v, dtype=str) for g, v in groups.items()},
   )

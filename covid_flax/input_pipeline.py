@@ -10,7 +10,7 @@ step.
 import dataclasses
 import functools
 from concurrent import futures
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import grain
 import jax
@@ -25,21 +25,28 @@ import covid_flax.datasets  # noqa: F401  (registers the builders)
 from covid_flax import config_lib, parallel
 from covid_flax.datasets import common
 
+# Text features that evaluations report results by (`covid_flax.subgroups`), where a dataset has them.
+GROUP_FEATURES = ("source", "view", "finding")
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitData:
-  """A whole split in memory: images (N, S, S, 1) uint8 and their metadata."""
+  """A whole split in memory: images (N, S, S, 1) uint8 and their metadata; `attributes` holds
+  the GROUP_FEATURES the dataset has, each an (N,) array of strings."""
 
   images: np.ndarray
   labels: np.ndarray
   patient_ids: np.ndarray
   filenames: np.ndarray
+  attributes: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def subset(self, indices: np.ndarray) -> "SplitData":
-    return SplitData(*(getattr(self, f.name)[indices] for f in dataclasses.fields(self)))
+    arrays = (self.images, self.labels, self.patient_ids, self.filenames)
+    attributes = {k: v[indices] for k, v in self.attributes.items()}
+    return SplitData(*(a[indices] for a in arrays), attributes)
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -73,12 +80,33 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
       raise
 
 
+# The lung-field prior of `lung_field_mask`, as fractions of the image's width and height: centre
+# (x, y) and semi-axes (a, b) of each lung's ellipse on a frontal film (patient's right on the left).
+LUNG_FIELDS = ((0.30, 0.47, 0.19, 0.33), (0.70, 0.47, 0.19, 0.33))
+
+
+@functools.lru_cache(maxsize=8)
+def lung_field_mask(size: int) -> np.ndarray:
+  """(size, size) bool: True inside the two ellipses of LUNG_FIELDS. A fixed anatomical prior for
+  frontal chest X-rays that fill the image (no segmentation, no weights): it keeps the lungs of a
+  typical film and removes the corners and borders, where burned-in text, arrows, markers and
+  figure labels sit."""
+  y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+  inside = [((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1 for cx, cy, a, b in LUNG_FIELDS]
+  return np.logical_or(*inside)
+
+
 def resize(
-  image: np.ndarray, size: int, center_crop: float = 1.0, equalize: bool = False
+  image: np.ndarray,
+  size: int,
+  center_crop: float = 1.0,
+  equalize: bool = False,
+  lung_mask: bool = False,
 ) -> np.ndarray:
   """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
   side, stretched to a square (no padding, which would add borders that differ by source), its
-  grey-level histogram equalised first if `equalize`."""
+  grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
+  `lung_mask`."""
   pil = Image.fromarray(np.asarray(image).reshape(image.shape[0], image.shape[1]), mode="L")
   if center_crop < 1.0:
     w, h = pil.size
@@ -88,12 +116,17 @@ def resize(
     pil = ImageOps.equalize(pil)
   if pil.size != (size, size):
     pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-  return np.asarray(pil, dtype=np.uint8)[..., None]
+  out = np.asarray(pil, dtype=np.uint8)
+  if lung_mask:
+    out = np.where(lung_field_mask(size), out, 0).astype(np.uint8)
+  return out[..., None]
 
 
 def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
-  return resize(image, config.image_size, config.center_crop, config.equalize)
+  return resize(
+    image, config.image_size, config.center_crop, config.equalize, config.get("lung_mask", False)
+  )
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:
@@ -114,12 +147,17 @@ def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: in
   images = np.empty((n, config.image_size, config.image_size, 1), np.uint8)
   labels = np.empty((n,), np.int32)
   patients, filenames = [], []
+  groups = [f for f in GROUP_FEATURES if f in builder.info.features]
+  attributes = {f: [] for f in groups}
   with futures.ThreadPoolExecutor(num_threads) as pool:
     for i, (image, ex) in enumerate(pool.map(load, range(n))):
       images[i], labels[i] = image, ex["label"]
       patients.append(_text(ex["patient_id"]))
       filenames.append(_text(ex["filename"]))
-  return SplitData(images, labels, np.asarray(patients), np.asarray(filenames))
+      for f in groups:
+        attributes[f].append(_text(ex[f]))
+  attributes = {f: np.asarray(v, dtype=str) for f, v in attributes.items()}
+  return SplitData(images, labels, np.asarray(patients), np.asarray(filenames), attributes)
 
 
 def cv_fold_indices(data: SplitData, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:

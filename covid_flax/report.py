@@ -22,12 +22,16 @@ def write_predictions(
   patient_ids: Sequence[str],
   labels: Sequence[int],
   probs: Sequence[float],
+  attributes: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
+  """PREDICTION_COLUMNS, then one column per attribute (source, view, ...)."""
+  attributes = attributes or {}
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(PREDICTION_COLUMNS)
-    for name, patient, label, p in zip(filenames, patient_ids, labels, probs, strict=True):
-      writer.writerow([name, patient, int(label), repr(float(p))])
+    writer.writerow([*PREDICTION_COLUMNS, *attributes])
+    columns = zip(filenames, patient_ids, labels, probs, *attributes.values(), strict=True)
+    for name, patient, label, p, *extra in columns:
+      writer.writerow([name, patient, int(label), repr(float(p)), *extra])
 
 
 @contextlib.contextmanager
@@ -53,11 +57,14 @@ def write_results(
   patient_ids: Sequence[str],
   labels: Sequence[int],
   probs: Sequence[float],
+  attributes: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
   """folder/metrics.json (`results`) and folder/predictions.csv."""
   with open(os.path.join(folder, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2, allow_nan=False)
-  write_predictions(os.path.join(folder, "predictions.csv"), filenames, patient_ids, labels, probs)
+  write_predictions(
+    os.path.join(folder, "predictions.csv"), filenames, patient_ids, labels, probs, attributes
+  )
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

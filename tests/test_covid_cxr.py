@@ -84,6 +84,13 @@ N_TRAIN, N_VAL, N_TEST = (
   pick("test", "IM-{:04d}"),
 )
 N2_TEST = pick("test", "NORMAL2-IM-{:04d}")
+# Other lung disease (the adult configs' negatives), one patient per split and a second test one.
+O_TRAIN, O_VAL, O_TEST, O_TEST2 = (
+  pick("train", "o{}"),
+  pick("val", "o{}"),
+  pick("test", "o{}"),
+  pick("test", "o{}", 1),
+)
 N_COPY_FIRST, N_COPY_SECOND = sorted([pick("val", "IM-{:04d}", 3), pick("train", "IM-{:04d}", 4)])
 
 # (patientid, finding, view, modality, folder, filename, written?)
@@ -103,7 +110,24 @@ _ROWS = [
   (P_VAL, "COVID-19", "AP", "X-ray", "volumes", "absent3.nii.gz", None),
   ("999", "COVID-19", "PA", "X-ray", "images", "v1.png", None),  # Listed twice.
   ("998", "SARS", "PA", "X-ray", "images", "sars.png", "L"),
+  (O_TRAIN, "Pneumonia/Bacterial/Streptococcus", "PA", "X-ray", "images", "strep1.jpg", "JPEG"),
+  (O_TRAIN, "Streptococcus", "AP", "X-ray", "images", "strep2.png", "L"),  # A serial film.
+  (O_VAL, "Pneumocystis", "AP Supine", "X-ray", "images", "pcp.png", "RGBA"),
+  (O_TEST, "Legionella", "PA", "X-ray", "images", "leg.jpg", "JPEG"),
+  (O_TEST2, "Legionella", "PA", "X-ray", "images", "leg.jpg", None),  # Listed twice.
+  (O_TEST, "Klebsiella", "PA", "X-ray", "images", "absent-kleb.jpg", None),
+  (O_VAL, "Klebsiella", "L", "X-ray", "images", "kleb-lateral.png", "L"),  # Not frontal.
+  ("997", "todo", "PA", "X-ray", "images", "todo.png", "L"),  # Unlabelled: never a negative.
+  ("996", "Unknown", "AP", "X-ray", "images", "unknown.png", "L"),
 ]
+# The url column (the `source` feature is its site) and the age column; blank elsewhere.
+_URLS = {
+  "t1.png": "https://radiopaedia.org/cases/covid-1?lang=us",
+  "strep1.jpg": "https://www.eurorad.org/case/10483",
+  "sars.png": "https://pubs.rsna.org/doi/10.1148/radiol.2303030853",
+  "pcp.png": "https://www.ncbi.nlm.nih.gov/pmc/articles/PMC1/",
+}
+_AGES = {"t1.png": "65", "strep1.jpg": "41.0", "pcp.png": " "}
 _NORMAL = {
   "train": [
     f"{N_TRAIN}-0001.jpeg",
@@ -133,6 +157,8 @@ def make_cxr_tree(manual: Path, normal_splits=("train", "val", "test")) -> Path:
         folder=folder,
         filename=filename,
         doi=f"10.1/{filename}",
+        url=_URLS.get(filename, ""),
+        age=_AGES.get(filename, ""),
         clinical_notes='says "hi",\nnewline',
       )
       writer.writerow([row[c] for c in _HEADER])
@@ -175,7 +201,7 @@ def expected_splits() -> dict[str, str]:
   """filename -> split, by the documented rule; the copied NORMAL file follows its first owner."""
   expected = {}
   for patient, finding, view, modality, folder, filename, how in _ROWS:
-    if how and modality == "X-ray" and view != "L" and finding not in ("No Finding", "SARS"):
+    if how and modality == "X-ray" and view != "L" and "COVID-19" in finding:
       expected[f"covid-chestxray-dataset/{folder}/{filename}"] = documented_split(patient)
   for split, names in _NORMAL.items():
     for name in names:
@@ -215,10 +241,16 @@ def test_features(built):
   t1 = examples["covid-chestxray-dataset/images/t1.png"]
   assert t1["image"].shape == (48, 64, 1) and t1["image"].dtype == np.uint8
   assert (int(t1["label"]), t1["patient_id"].decode(), t1["view"].decode()) == (1, P_TRAIN, "PA")
-  assert t1["source"].decode() == "10.1/t1.png"
+  assert (t1["source"].decode(), t1["finding"].decode(), int(t1["age"])) == (
+    "radiopaedia",
+    "COVID-19",
+    65,
+  )
+  assert examples["covid-chestxray-dataset/images/t2.jpeg"]["source"].decode() == "unknown"
   normal = examples[f"chest_xray/train/NORMAL/{N_TRAIN}-0001-0002.jpeg"]
   assert (int(normal["label"]), normal["patient_id"].decode()) == (0, N_TRAIN)
-  assert normal["view"].decode() == "AP" and normal["source"].decode() == "10.17632/rscbjbr9sj.2"
+  assert normal["view"].decode() == "AP" and normal["source"].decode() == "kermany"
+  assert (normal["finding"].decode(), int(normal["age"])) == ("normal", -1)
   assert examples[f"chest_xray/val/NORMAL/{N2_TEST}-0004.jpeg"]["patient_id"].decode() == N2_TEST
   assert "cohen2020covid" in builder.info.citation and "kermany" in builder.info.citation
   assert builder.info.homepage == "https://github.com/ieee8023/covid-chestxray-dataset"
@@ -238,9 +270,9 @@ def test_absent_and_skipped_are_counted(tree, tmp_path, caplog):
   report = audit.read_report(builder.data_path)
   build_counts = report["build"]
   # Listed: 9 frontal COVID X-rays in images/ (v1.png counted once) + 1 in volumes/; 3 absent.
-  assert (build_counts["covid_listed"], build_counts["covid_absent_skipped"]) == (10, 3)
+  assert (build_counts["ieee8023_listed"], build_counts["ieee8023_absent_skipped"]) == (10, 3)
   assert build_counts["covid_kept"] == 7
-  assert build_counts["covid_listed_twice"] == ["images/v1.png"]
+  assert build_counts["ieee8023_listed_twice"] == ["images/v1.png"]
   assert build_counts["normal_folders"] == [
     f"chest_xray/{s}/NORMAL" for s in ("train", "val", "test")
   ]
@@ -376,3 +408,127 @@ def test_audit_pairs_and_exclusions():
   assert report["summary"]["cross_split_involving_test"] == 2
   assert "test" not in report["splits"]
   assert "2 test images excluded" in audit.summary_lines(report)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# covid_cxr/adult: COVID-19 vs other adult lung disease, ieee8023 only.
+# ---------------------------------------------------------------------------------------------
+
+_OTHER_DISEASE = {  # filename -> (patient, finding, view, source, age) of every kept negative.
+  "strep1.jpg": (O_TRAIN, "Pneumonia/Bacterial/Streptococcus", "PA", "eurorad", 41),
+  "strep2.png": (O_TRAIN, "Streptococcus", "AP", "unknown", -1),
+  "pcp.png": (O_VAL, "Pneumocystis", "AP Supine", "ncbi", -1),
+  "leg.jpg": (O_TEST, "Legionella", "PA", "unknown", -1),
+  "sars.png": ("998", "SARS", "PA", "rsna", -1),
+}
+
+
+@pytest.fixture(scope="module")
+def adult(tree, tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("adult")
+  return build(tree, data_dir, "adult_keep_duplicates"), read_all(
+    "covid_cxr/adult_keep_duplicates", data_dir
+  )
+
+
+def test_adult_negatives_are_other_lung_disease_with_their_features(adult):
+  builder, splits = adult
+  examples = {k: (split, e) for split, ex in splits.items() for k, e in ex.items()}
+  negatives = {k: e for k, (_, e) in examples.items() if int(e["label"]) == 0}
+  prefix = "covid-chestxray-dataset/images/"
+  assert set(negatives) == {prefix + f for f in _OTHER_DISEASE}  # No Kermany, todo, lateral.
+  for name, (patient, finding, view, source, age) in _OTHER_DISEASE.items():
+    split, e = examples[prefix + name]
+    got = tuple(e[k].decode() for k in ("patient_id", "finding", "view", "source"))
+    assert got + (int(e["age"]),) == (patient, finding, view, source, age)
+    assert split == documented_split(patient)  # The same salted rule as covid_cxr.
+  covid = {k for k, (_, e) in examples.items() if int(e["label"]) == 1}
+  assert covid == {k for k in expected_splits() if k.startswith("covid-chestxray")}
+  assert builder.info.features["age"].np_dtype == np.int32
+
+
+def test_adult_build_counts_and_audit(adult):
+  builder, _ = adult
+  build_counts = audit.read_report(builder.data_path)["build"]
+  # Frontal X-rays listed: 10 COVID (3 absent) + 6 other disease (leg.jpg once, 1 absent).
+  assert (build_counts["ieee8023_listed"], build_counts["ieee8023_absent_skipped"]) == (16, 4)
+  assert (build_counts["covid_kept"], build_counts["other_disease_kept"]) == (7, 5)
+  assert build_counts["ieee8023_listed_twice"] == ["images/v1.png", "images/leg.jpg"]
+  assert "normal_folders" not in build_counts  # Kermany is not read.
+
+
+def test_adult_needs_no_kermany_images(tree, tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(tree / "covid-chestxray-dataset", manual / "covid-chestxray-dataset")
+  build(manual, tmp_path / "data", "adult")
+  splits = read_all("covid_cxr/adult", tmp_path / "data")
+  assert "covid-chestxray-dataset/images/dup-of-t1.png" not in splits["test"]  # Left out.
+
+
+def _drop_other_disease(root: Path) -> None:
+  for name in _OTHER_DISEASE:
+    (root / "covid-chestxray-dataset/images" / name).unlink()
+
+
+def _bad_age(root: Path) -> None:
+  path = root / "covid-chestxray-dataset/metadata.csv"
+  path.write_text(path.read_text().replace("41.0", "forty"))
+
+
+@pytest.mark.parametrize(
+  "mutate,message",
+  [
+    (_drop_other_disease, "no frontal X-ray of another lung disease found"),
+    (_bad_age, "age 'forty' is not a number"),
+  ],
+)
+def test_adult_bad_input_stops_the_build_and_names_it(mutate, message, tree, tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(tree, manual)
+  mutate(manual)
+  with pytest.raises(DatasetError, match=message) as error:
+    build(manual, tmp_path / "data", "adult")
+  assert "metadata.csv" in str(error.value)
+  assert_nothing_prepared(tmp_path / "data", "covid_cxr")
+
+
+@pytest.mark.parametrize(
+  "url,site",
+  [
+    ("https://radiopaedia.org/cases/x", "radiopaedia"),
+    ("https://www.eurorad.org/case/10483", "eurorad"),
+    ("https://www.sirm.org/2020/03/covid-19-caso-1/", "sirm"),
+    ("https://pubs.rsna.org/doi/10.1148/x", "rsna"),
+    ("https://pubmed.ncbi.nlm.nih.gov/1/", "ncbi"),
+    ("https://www.ams.edu.sg/x", "ams"),
+    ("https://github.com/ml-workgroup/covid-19-image-repository", "github"),
+    ("", "unknown"),
+    ("not a url", "unknown"),
+  ],
+)
+def test_site_of_url(url, site):
+  assert covid_cxr.site_of_url(url) == site
+
+
+def test_other_disease_rule():
+  assert covid_cxr.is_other_disease("SARS")
+  assert covid_cxr.is_other_disease("Pneumonia/Bacterial/Klebsiella")
+  for finding in ("COVID-19", "Pneumonia/Viral/COVID-19", "No Finding", "todo", "Unknown", ""):
+    assert not covid_cxr.is_other_disease(finding)
+
+
+def test_no_finding_probe_lists_the_present_frontal_no_finding_films(tree, tmp_path):
+  root = tree / "covid-chestxray-dataset"
+  rows, absent = covid_cxr.no_finding_probe(root)
+  assert (rows, absent) == (
+    [{"relpath": "images/nofinding.jpg", "label": "non_covid", "patient_id": P_TRAIN,
+      "source": "unknown", "view": "PA"}],
+    0,
+  )  # fmt: skip
+  manual = tmp_path / "manual"
+  shutil.copytree(root, manual)
+  (manual / "images/nofinding.jpg").unlink()
+  with pytest.raises(
+    DatasetError, match=r"metadata.csv: no frontal 'No Finding' X-ray present \(1"
+  ):
+    covid_cxr.no_finding_probe(manual)

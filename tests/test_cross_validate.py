@@ -1,6 +1,7 @@
 """Patient-wise cross-validation: the folds, a fold run, and `covid_flax.cross_validate` end to end."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -70,9 +71,22 @@ def test_bad_fold_fields_are_refused(overrides, message):
     config_lib.validate(tiny_config("", **overrides))
 
 
+def _with_two_sources(load_split):
+  """load_split, with the source of each image 'odd' or 'even' by its patient's number."""
+
+  def load(config, split, **kwargs):
+    data = load_split(config, split, **kwargs)
+    numbers = np.array([int("".join(filter(str.isdigit, p)) or 0) for p in data.patient_ids])
+    sources = np.where(numbers % 2, "odd", "even")
+    return dataclasses.replace(data, attributes={**data.attributes, "source": sources})
+
+  return load
+
+
 def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
-  synthetic_data_dir, tmp_path
+  synthetic_data_dir, tmp_path, monkeypatch
 ):
+  monkeypatch.setattr(input_pipeline, "load_split", _with_two_sources(input_pipeline.load_split))
   workdir = str(tmp_path / "cv")
   config = tiny_config(synthetic_data_dir, cv_folds=2, num_epochs=1)
   pool = input_pipeline.load_split(config, "train")
@@ -81,6 +95,8 @@ def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
   with open(f"{out}/predictions.csv") as f:
     rows = list(csv.DictReader(f))
   assert sorted(r["filename"] for r in rows) == sorted(pool.filenames.tolist())
+  source_of = dict(zip(pool.filenames, pool.attributes["source"], strict=True))
+  assert all(r["source"] == source_of[r["filename"]] for r in rows)  # Pooled in fold order.
   results = json.load(open(f"{out}/metrics.json"))
   labels = np.array([int(r["label"]) for r in rows])
   probs = np.array([float(r["probability"]) for r in rows])
@@ -90,6 +106,13 @@ def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
   assert [f["fold"] for f in folds] == [0, 1]
   assert sum(f["n_images"] for f in folds) == len(pool)
   assert "2-fold cross-validation" in open(f"{out}/report.md").read()
+  by_source = results["subgroups"]["source"]
+  assert set(by_source) == {"even", "odd"} and results["subgroups"]["threshold"] == 0.5
+  odd = np.array([r["source"] == "odd" for r in rows])
+  assert by_source["odd"]["metrics"]["roc_auc"]["value"] == pytest.approx(
+    skm.roc_auc_score(labels[odd], probs[odd])
+  )
+  assert "By source:" in open(f"{out}/report.md").read()
 
   # Each fold run trained on the rest of the pool and validated (and chose its threshold) on its fold.
   run = inference.load_run(f"{workdir}/fold_0", "latest")

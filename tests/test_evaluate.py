@@ -75,12 +75,9 @@ def test_evaluate_writes_every_file(run):
   assert results["threshold_0.5"]["threshold"] == 0.5
   with open(os.path.join(out, "predictions.csv")) as f:
     preds = list(csv.DictReader(f))
-  assert len(preds) == len(test) and set(preds[0]) == {
-    "filename",
-    "patient_id",
-    "label",
-    "probability",
-  }
+  assert len(preds) == len(test)
+  assert list(preds[0]) == ["filename", "patient_id", "label", "probability", "source"]
+  assert results["subgroups"] == {}  # One source ('synthetic'): nothing to compare.
   assert "Sensitivity" in open(os.path.join(out, "report.md")).read()
   assert not [e for e in _eval_entries(run.workdir) if e.endswith(".tmp")]
 
@@ -177,6 +174,7 @@ def test_bad_images_dir(run, images_dir, labels_csv, extra_file, message):
   [
     (["covid_flax.evaluate", "--workdir={nope}"], "does not exist"),
     (["covid_flax.predict", "--workdir={nope}", "x.png"], "does not exist"),
+    (["covid_flax.evaluate", "--workdir={nope}", "--labels=x.csv"], "--labels=x.csv needs --images_dir"),
     (
       ["covid_flax.main", "--config=configs/synthetic.py", "--workdir={nope}",
        "--config.center_crop=0.1"],
@@ -336,3 +334,79 @@ def test_training_data_is_cropped_and_equalized_by_the_config(run):
   for other in (input_pipeline.resize(image, config.image_size, 0.5),
                 input_pipeline.resize(image, config.image_size, equalize=True)):  # fmt: skip
     assert not np.array_equal(expected, other)
+
+
+def test_external_sources_from_another_labels_file_give_results_by_source(
+  run, images_dir, tmp_path
+):
+  """A labels csv outside the images folder (--labels), with a source column: the share of each
+  source's images called COVID at the val threshold is in metrics.json and report.md."""
+  labels_csv = tmp_path / "elsewhere" / "probe.csv"
+  labels_csv.parent.mkdir()
+  rows = [f"img{i:02d}.png,NON_COVID,,{'nih_pneumonia' if i % 2 else 'nih_no_finding'},PA"
+          for i in range(10)]  # fmt: skip
+  labels_csv.write_text("relpath,label,patient_id,source,view\n" + "\n".join(rows) + "\n")
+  data = inference.load_images_dir(images_dir, run.config, str(labels_csv))
+  assert list(data.attributes) == ["source", "view"] and data.attributes["source"][1] == (
+    "nih_pneumonia"
+  )
+  out = evaluate.evaluate(run, data, "images-probe", n_resamples=100)
+  results = json.load(open(os.path.join(out, "metrics.json")))
+  threshold = results["threshold_val"]["threshold"]
+  probs = run.predict(data)
+  by_source = results["subgroups"]["source"]
+  assert results["subgroups"]["threshold"] == threshold
+  for name, mask in (
+    ("nih_no_finding", np.arange(10) % 2 == 0),
+    ("nih_pneumonia", np.arange(10) % 2 == 1),
+  ):
+    assert by_source[name]["called_covid"]["value"] == pytest.approx(
+      np.mean(probs[mask] >= threshold)
+    )
+  assert "source_matched" not in results["subgroups"]  # Negatives only.
+  assert "| nih_pneumonia | 0 / 5 |" in open(os.path.join(out, "report.md")).read()
+  with open(os.path.join(out, "predictions.csv")) as f:
+    assert [r["source"] for r in csv.DictReader(f)][:2] == ["nih_no_finding", "nih_pneumonia"]
+
+
+def test_lung_mask_keeps_the_lung_fields_and_blacks_out_the_rest():
+  mask = input_pipeline.lung_field_mask(64)
+  assert mask.shape == (64, 64) and 0.25 < mask.mean() < 0.5
+  for y, x in ((30, 19), (30, 45)):  # The centres of both lungs (0.47 of the height; 0.3, 0.7).
+    assert mask[y, x]
+  for y, x in ((0, 0), (0, 63), (63, 0), (63, 63), (30, 32), (2, 32)):  # Corners, mediastinum.
+    assert not mask[y, x]
+  framed = _framed_image()
+  framed[:] = 200
+  out = input_pipeline.resize(framed, 64, lung_mask=True)[..., 0]
+  np.testing.assert_array_equal(out, np.where(mask, 200, 0))
+
+
+def test_training_and_external_images_are_masked_by_the_config(run, tmp_path):
+  config = run.config.copy_and_resolve_references()
+  config.lung_mask = True
+  prepared = input_pipeline.load_split(config, "val")
+  assert not prepared.images[:, ~input_pipeline.lung_field_mask(config.image_size)].any()
+  Image.fromarray(np.full((50, 60), 255, np.uint8)).save(tmp_path / "white.png")
+  (tmp_path / "labels.csv").write_text("relpath,label\nwhite.png,covid\n")
+  image = inference.load_images_dir(str(tmp_path), config).images[0, ..., 0]
+  np.testing.assert_array_equal(image > 0, input_pipeline.lung_field_mask(config.image_size))
+
+
+def test_labels_and_matched_sources_from_the_command_line(trained_workdir, images_dir, tmp_path):
+  labels_csv = tmp_path / "probe.csv"
+  rows = "".join(f"img{i:02d}.png,non_covid,,{'ab'[i % 2]}\n" for i in range(6))
+  labels_csv.write_text("relpath,label,patient_id,source\n" + rows)
+  base = [sys.executable, "-m", "covid_flax.evaluate", f"--workdir={trained_workdir}",
+          f"--images_dir={images_dir}", f"--labels={labels_csv}", "--n_resamples=50",
+          "--gradcam_per_group=1"]  # fmt: skip
+  bad = subprocess.run([*base, "--matched_sources=a,nope"], cwd=REPO_ROOT, capture_output=True,
+                       text=True)  # fmt: skip
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "error: --matched_sources: ['nope'] not among the sources ['a', 'b']" in bad.stderr
+  good = subprocess.run(base, cwd=REPO_ROOT, capture_output=True, text=True)
+  assert good.returncode == 0, good.stderr[-2000:]
+  name = os.path.basename(images_dir)
+  (out,) = [e for e in _eval_entries(trained_workdir) if e.startswith(f"images-{name}-probe-")]
+  by_source = json.load(open(os.path.join(trained_workdir, "eval", out, "metrics.json")))
+  assert set(by_source["subgroups"]["source"]) == {"a", "b"}

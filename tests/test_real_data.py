@@ -78,6 +78,11 @@ def cxr(data_dir):
   return _prepare(covid_cxr.CovidCxr, None, data_dir)
 
 
+@pytest.fixture(scope="module")
+def cxr_adult(data_dir):
+  return _prepare(covid_cxr.CovidCxr, "adult", data_dir)
+
+
 def test_covid_ct_keep_duplicates_is_exactly_the_official_split(ct_keep, data_dir):
   meta = _metadata("covid_ct/keep_duplicates", data_dir)
   assert _counts(meta) == OFFICIAL_CT
@@ -109,7 +114,9 @@ def test_covid_cxr_split_and_audit(cxr, data_dir):
   assert _counts(meta) == {"train": (72, 77), "val": (28, 22), "test": (20, 21)}
   _assert_patient_wise(meta)
   report = audit.read_report(cxr.data_path)
-  assert report["build"]["covid_absent_skipped"] == 314 and report["build"]["covid_listed"] == 434
+  assert (
+    report["build"]["ieee8023_absent_skipped"] == 314 and report["build"]["ieee8023_listed"] == 434
+  )
   pairs = {frozenset({p["a"]["key"], p["b"]["key"]}): p for p in report["pairs"]}
   known = frozenset(
     {"covid-chestxray-dataset/images/AR-1.jpg", "covid-chestxray-dataset/images/extubation-1.jpg"}
@@ -126,3 +133,39 @@ def test_prepared_datasets_read_back(ct_default, cxr, data_dir):
       assert example["image"].dtype == np.uint8 and example["image"].shape[2] == 1
       assert min(example["image"].shape[:2]) > 32
       assert example["filename"] and example["patient_id"]
+
+
+def test_covid_cxr_adult_counts_split_and_sources(cxr_adult, data_dir):
+  """81 films of 45 patients with other lung disease (data README section 2b) against the 120
+  COVID films; split 55 / 7 / 19 non-COVID images by the salted rule; no patient in two splits."""
+  sources = tfds.data_source(
+    "covid_cxr/adult", data_dir=data_dir, download=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )  # fmt: skip
+  rows = [
+    (split, int(e["label"]), e["patient_id"].decode(), e["source"].decode(), e["finding"].decode())
+    for split, s in sources.items()
+    for e in (s[i] for i in range(len(s)))
+  ]
+  negatives = [r for r in rows if r[1] == 0]
+  assert len(negatives) == 81 and len({r[2] for r in negatives}) == 45
+  assert sum(r[1] for r in rows) == 120
+  assert _counts(_metadata("covid_cxr/adult", data_dir)) == {
+    "train": (72, 55), "val": (28, 7), "test": (20, 19),
+  }  # fmt: skip
+  _assert_patient_wise(_metadata("covid_cxr/adult", data_dir))
+  assert not {r[4] for r in negatives} & {"No Finding", "todo", "COVID-19"}
+  by_source = {s: sum(r[3] == s for r in negatives) for s in {r[3] for r in negatives}}
+  assert by_source == {"eurorad": 32, "radiopaedia": 31, "rsna": 11, "ncbi": 5, "wikipedia": 2}
+  matched = sorted({r[3] for r in rows if r[1] == 1} & set(by_source))
+  assert matched == ["eurorad", "ncbi", "radiopaedia", "rsna"]
+  report = audit.read_report(cxr_adult.data_path)
+  assert report["build"]["ieee8023_listed_twice"] == [
+    "images/000001-24.jpg", "images/000006-17.jpg", "images/000007-15.jpg", "images/000001-27.jpg",
+  ]  # fmt: skip
+
+
+def test_no_finding_probe_has_the_19_adult_films():
+  rows, absent = covid_cxr.no_finding_probe(DATA / "covid-chestxray-dataset")
+  assert (len(rows), absent, len({r["patient_id"] for r in rows})) == (19, 0, 16)
+  assert all((DATA / "covid-chestxray-dataset" / r["relpath"]).is_file() for r in rows)

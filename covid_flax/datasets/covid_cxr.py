@@ -1,9 +1,13 @@
-"""`covid_cxr`: COVID-19 chest X-rays (ieee8023 collection) vs NORMAL (Kermany/Kaggle, children).
+"""`covid_cxr`: COVID-19 chest X-rays (ieee8023 collection) against one of two negative classes.
 
 Configs (chosen by name, e.g. `covid_cxr` = `covid_cxr/exclude_duplicates`):
-  * `exclude_duplicates` (default): test images that duplicate a train/val image are left out of
-    test and counted in the log and the leakage report.
-  * `keep_duplicates`: nothing is left out; the report still lists the duplicates.
+  * `exclude_duplicates` (default): the study's task, COVID-19 vs NORMAL (Kermany/Kaggle, children).
+    It measures the dataset pairing (adults from many sources vs children from one hospital), not
+    COVID-19 detection. Test images that duplicate a train/val image are left out of test.
+  * `keep_duplicates`: the same, nothing left out (the leakage report still lists duplicates).
+  * `adult`: COVID-19 vs other adult lung disease (SARS, bacterial pneumonia, Pneumocystis, ...)
+    from the same collection, the honest task this data allows; duplicates left out of test.
+  * `adult_keep_duplicates`: the same, nothing left out.
 
 Input (`manual_dir`):
   covid-chestxray-dataset/metadata.csv and covid-chestxray-dataset/<folder>/<filename>
@@ -17,6 +21,12 @@ Rules:
     that are absent are skipped and counted ("314 of 434 listed images absent, skipped"); none
     present is an error; a file listed twice is used once (first row) and counted. 'No Finding'
     rows are not used: most are early films of COVID-19 patients, not healthy controls.
+  * Non-COVID lung disease (adult configs): rows like the COVID ones whose finding is neither
+    COVID-19 nor 'No Finding', 'todo' or 'Unknown' (e.g. 'SARS', 'Pneumocystis',
+    'Pneumonia/Bacterial/Streptococcus'); every film of a patient is kept.
+  * Features: `source` is the site the row's `url` names (`site_of_url`: radiopaedia, eurorad, sirm,
+    rsna, ...; 'unknown' without a url; Kermany images 'kermany'), `finding` the upstream string
+    ('normal' for Kermany), `view`, `age` in years (-1 unknown; Kermany children 'aged 1-5' are -1).
   * NORMAL: every file (names starting with '.' are skipped) in those folders; the patient id is
     the match of `^((?:NORMAL2-)?IM-\\d{4})-` on the file name (a name that does not match is an
     error). view 'AP', source the Mendeley DOI.
@@ -29,12 +39,15 @@ Rules:
 """
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
@@ -49,6 +62,12 @@ _KERMANY_DOI = "10.17632/rscbjbr9sj.2"
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 _KERMANY_PATIENT = re.compile(r"^((?:NORMAL2-)?IM-\d{4})-")
 _REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
+# Findings that are neither COVID-19 nor a diagnosed other disease: never negatives.
+_NOT_A_DISEASE = ("no finding", "todo", "unknown", "")
+# Host labels that name a service or a subdomain, not the site: skipped by `site_of_url`.
+_GENERIC_HOST_LABELS = frozenset(
+  "www en pubs cases app academic link onlinelibrary journal pubmed nlm".split()
+)
 
 _CITATION = """
 @article{cohen2020covid,
@@ -89,6 +108,29 @@ def is_covid_finding(finding: str) -> bool:
   return "COVID-19" in (part.strip() for part in re.split(r"[/,]", finding or ""))
 
 
+def is_other_disease(finding: str) -> bool:
+  """A diagnosed non-COVID finding (the adult task's negatives): not COVID-19, not 'No Finding',
+  not an unlabelled 'todo'/'Unknown'."""
+  return not is_covid_finding(finding) and finding.strip().lower() not in _NOT_A_DISEASE
+
+
+def site_of_url(url: str) -> str:
+  """The site a metadata row's url names: 'https://www.eurorad.org/case/1' -> 'eurorad',
+  'https://pubs.rsna.org/doi/..' -> 'rsna', 'https://www.ncbi.nlm.nih.gov/..' -> 'ncbi'."""
+  host = urlparse(url.strip()).hostname or ""
+  labels = [x for x in host.split(".")[:-1] if x not in _GENERIC_HOST_LABELS]
+  return labels[0] if labels else "unknown"
+
+
+def _age(text: str, where: str) -> int:
+  if not text.strip():
+    return -1
+  try:
+    return round(float(text))
+  except ValueError:
+    raise DatasetError(f"{where}: age {text!r} is not a number") from None
+
+
 def kermany_patient_id(filename: str) -> str | None:
   match = _KERMANY_PATIENT.match(filename)
   return match.group(1) if match else None
@@ -112,8 +154,11 @@ def _field(row: dict[str, str | None], column: str) -> str:
   return (row.get(column) or "").strip()
 
 
-def read_covid_candidates(root: Path) -> tuple[list[Candidate], dict[str, Any]]:
-  """The COVID images of an ieee8023 checkout (rules in the module docstring)."""
+def read_ieee_candidates(
+  root: Path, other_disease: bool = False
+) -> tuple[list[Candidate], dict[str, Any]]:
+  """The COVID images of an ieee8023 checkout, and with `other_disease` its non-COVID lung-disease
+  images too (rules in the module docstring)."""
   path = root / "metadata.csv"
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -129,7 +174,8 @@ def read_covid_candidates(root: Path) -> tuple[list[Candidate], dict[str, Any]]:
     get = functools.partial(_field, row)
     if get("modality") != "X-ray" or get("view") not in FRONTAL_VIEWS:
       continue
-    if not is_covid_finding(get("finding")):
+    covid = is_covid_finding(get("finding"))
+    if not covid and not (other_disease and is_other_disease(get("finding"))):
       continue
     relative = PurePosixPath(get("folder") or "images") / get("filename")
     if not get("filename") or relative.is_absolute() or ".." in relative.parts:
@@ -147,14 +193,22 @@ def read_covid_candidates(root: Path) -> tuple[list[Candidate], dict[str, Any]]:
     candidates.append(
       Candidate(
         key=f"covid-chestxray-dataset/{relative}",
-        label=1,
+        label=int(covid),
         patient_id=get("patientid"),
-        source=get("doi") or get("url"),
+        source=site_of_url(get("url")),
         load=functools.partial(image_io.load_grayscale, file),
-        extra={"view": get("view")},
+        extra={
+          "view": get("view"),
+          "finding": get("finding"),
+          "age": _age(get("age"), f"{path}, line {line}"),
+        },
       )
     )
-  message = f"{absent} of {len(seen)} listed images absent, skipped; {len(candidates)} kept"
+  n_covid = sum(c.label for c in candidates)
+  message = (
+    f"{absent} of {len(seen)} listed images absent, skipped; {len(candidates)} kept "
+    f"({n_covid} COVID-19, {len(candidates) - n_covid} other lung disease)"
+  )
   logging.info("covid_cxr: %s (%s)", message, path)
   if listed_twice:
     logging.warning(
@@ -163,15 +217,48 @@ def read_covid_candidates(root: Path) -> tuple[list[Candidate], dict[str, Any]]:
       path,
       listed_twice[:5],
     )
-  if not candidates:
+  if not n_covid:
     raise DatasetError(f"{path}: no COVID-19 frontal X-ray image found ({message})")
+  if other_disease and n_covid == len(candidates):
+    raise DatasetError(f"{path}: no frontal X-ray of another lung disease found ({message})")
   build = {
-    "covid_listed": len(seen),
-    "covid_absent_skipped": absent,
-    "covid_kept": len(candidates),
-    "covid_listed_twice": listed_twice,
+    "ieee8023_listed": len(seen),
+    "ieee8023_absent_skipped": absent,
+    "covid_kept": n_covid,
+    "other_disease_kept": len(candidates) - n_covid,
+    "ieee8023_listed_twice": listed_twice,
   }
   return candidates, build
+
+
+def no_finding_probe(root: Path) -> tuple[list[dict[str, str]], int]:
+  """The rows of a labels csv (relpath,label,patient_id,source,view; relpaths relative to `root`)
+  of the frontal 'No Finding' X-rays of an ieee8023 checkout that are present, and how many listed
+  ones are absent: an external probe of adult films without COVID-19 findings (most are early or
+  normal films of COVID-19 patients, so never training negatives)."""
+  path = root / "metadata.csv"
+  try:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      rows = list(csv.DictReader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DatasetError(f"{path}: cannot read the csv: {e}") from e
+  probe, absent = [], 0
+  for row in rows:
+    get = functools.partial(_field, row)
+    if get("modality") != "X-ray" or get("view") not in FRONTAL_VIEWS:
+      continue
+    if get("finding").lower() != "no finding":
+      continue
+    relpath = f"{get('folder') or 'images'}/{get('filename')}"
+    if not (root / relpath).is_file():
+      absent += 1
+      continue
+    source = site_of_url(get("url"))
+    probe.append(dict(relpath=relpath, label="non_covid", patient_id=get("patientid"),
+                      source=source, view=get("view")))  # fmt: skip
+  if not probe:
+    raise DatasetError(f"{path}: no frontal 'No Finding' X-ray present ({absent} absent)")
+  return probe, absent
 
 
 def read_normal_candidates(dirs: list[tuple[str, Path]]) -> list[Candidate]:
@@ -194,20 +281,51 @@ def read_normal_candidates(dirs: list[tuple[str, Path]]) -> list[Candidate]:
           key=f"chest_xray/{split}/NORMAL/{file.name}",
           label=0,
           patient_id=patient,
-          source=_KERMANY_DOI,
+          source="kermany",
           load=functools.partial(image_io.load_grayscale, file),
-          extra={"view": "AP"},
+          extra={"view": "AP", "finding": "normal", "age": -1},
         )
       )
   return candidates
 
 
-class CovidCxr(common.RealImageBuilder):
-  """COVID-19 (ieee8023) vs NORMAL (Kermany) chest X-rays, split patient-wise by a fixed hash."""
+@dataclasses.dataclass(eq=False)
+class CxrConfig(common.LeakageConfig):
+  """A covid_cxr config: which negatives ('kermany' children or 'adult' lung disease)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  negatives: str = "kermany"
+
+
+def _configs() -> list[CxrConfig]:
+  """exclude_duplicates and keep_duplicates (Kermany), adult and adult_keep_duplicates."""
+  configs = []
+  for negatives, prefix, what in (
+    ("kermany", "", "COVID-19 vs Kermany NORMAL (children). "),
+    ("adult", "adult", "COVID-19 vs other adult lung disease (ieee8023 only). "),
+  ):
+    for c in common.leakage_configs():
+      name = c.name if not prefix else prefix + "_keep_duplicates" * (c.name == "keep_duplicates")
+      configs.append(
+        CxrConfig(
+          name=name,
+          description=what + c.description,
+          exclude_cross_split_duplicates=c.exclude_cross_split_duplicates,
+          negatives=negatives,
+        )
+      )
+  return configs
+
+
+class CovidCxr(common.RealImageBuilder):
+  """COVID-19 (ieee8023) vs NORMAL (Kermany) or other adult lung disease (ieee8023) chest X-rays,
+  split patient-wise by a fixed hash."""
+
+  BUILDER_CONFIGS: ClassVar[list[CxrConfig]] = _configs()
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-    "1.0.0": "Hash patient-wise split, grayscale originals, leakage audit."
+    "1.0.0": "Hash patient-wise split, grayscale originals, leakage audit.",
+    "1.1.0": "Adult configs (other lung disease as negatives); source is the site of the url; "
+    "finding and age features.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     _NORMAL_INSTRUCTIONS + _COVID_INSTRUCTIONS + "where DIR is the manual_dir."
@@ -216,7 +334,11 @@ class CovidCxr(common.RealImageBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
       description=__doc__,
-      features=common.base_features(view=tfds.features.Text()),
+      features=common.base_features(
+        view=tfds.features.Text(),
+        finding=tfds.features.Text(),
+        age=tfds.features.Scalar(dtype=np.int32),
+      ),
       supervised_keys=("image", "label"),
       homepage=_IEEE_HOME,
       citation=_CITATION,
@@ -239,6 +361,8 @@ class CovidCxr(common.RealImageBuilder):
 
   def _find_candidates(self, dl_manager):
     manual_dir = common.manual_dir_or_none(dl_manager)
+    if self.builder_config.negatives == "adult":
+      return read_ieee_candidates(self._ieee_root(dl_manager, manual_dir), other_disease=True)
     normal_dirs = _normal_dirs(manual_dir)
     if not normal_dirs:  # Checked first: no point downloading the COVID images without these.
       what = _NORMAL_INSTRUCTIONS
@@ -251,7 +375,7 @@ class CovidCxr(common.RealImageBuilder):
       raise DatasetError(
         f"covid_cxr: the NORMAL folders {[str(d) for _, d in normal_dirs]} are empty"
       )
-    covid, build = read_covid_candidates(self._ieee_root(dl_manager, manual_dir))
+    covid, build = read_ieee_candidates(self._ieee_root(dl_manager, manual_dir))
     build["normal_folders"] = [f"chest_xray/{s}/NORMAL" for s, _ in normal_dirs]
     build["normal_files"] = len(normal)
     return covid + normal, build
