@@ -100,7 +100,7 @@ def _read(folder: Path):
 
 
 def test_kept_results_exist():
-  assert len(_KEPT_CV) == 7 and len(_KEPT_PROBES) == 9
+  assert len(_KEPT_CV) == 8 and len(_KEPT_PROBES) == 9
 
 
 @pytest.mark.parametrize("folder", _KEPT_CV, ids=lambda p: p.name)
