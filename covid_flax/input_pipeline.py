@@ -124,9 +124,7 @@ def resize(
 
 def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
-  return resize(
-    image, config.image_size, config.center_crop, config.equalize, config.get("lung_mask", False)
-  )
+  return resize(image, config.image_size, config.center_crop, config.equalize, config.lung_mask)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:

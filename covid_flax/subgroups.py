@@ -76,6 +76,7 @@ def subgroup_results(
   """The "subgroups" entry of metrics.json (module docstring); {} when no attribute has two or
   more values. `matched`: the sources of the source-matched subset (default: every source with
   images of both classes); naming a source the data does not have is an error."""
+  check_matched_sources(matched, attributes)
   labels, probs = np.asarray(labels), np.asarray(probs)
   patient_ids = np.asarray(patient_ids)
   out: dict[str, Any] = {}
@@ -87,7 +88,6 @@ def subgroup_results(
       v: _group(labels, probs, patient_ids, values == v, threshold, n_resamples)
       for v in sorted(np.unique(values).tolist())
     }
-  check_matched_sources(matched, attributes)
   if "source" in out:
     sources = np.asarray(attributes["source"], dtype=str)
     matched = sorted(matched) or matched_sources(labels, sources)

@@ -29,7 +29,7 @@ Rules:
     ('normal' for Kermany), `view`, `age` in years (-1 unknown; Kermany children 'aged 1-5' are -1).
   * NORMAL: every file (names starting with '.' are skipped) in those folders; the patient id is
     the match of `^((?:NORMAL2-)?IM-\\d{4})-` on the file name (a name that does not match is an
-    error). view 'AP', source the Mendeley DOI.
+    error). view 'AP', source 'kermany'.
   * Split, patient-wise and the same for every user (`patient_split`):
       u = int(sha1(("covid_cxr:" + patient_id).encode("utf-8")).hexdigest(), 16) / 16**40
       train if u < 0.60, val if u < 0.80, else test.
@@ -154,11 +154,8 @@ def _field(row: dict[str, str | None], column: str) -> str:
   return (row.get(column) or "").strip()
 
 
-def read_ieee_candidates(
-  root: Path, other_disease: bool = False
-) -> tuple[list[Candidate], dict[str, Any]]:
-  """The COVID images of an ieee8023 checkout, and with `other_disease` its non-COVID lung-disease
-  images too (rules in the module docstring)."""
+def _frontal_xray_rows(root: Path) -> tuple[Path, list[tuple[int, Any]]]:
+  """(metadata.csv's path, [(line number, field getter)] of its frontal X-ray rows)."""
   path = root / "metadata.csv"
   try:
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -166,14 +163,21 @@ def read_ieee_candidates(
       missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
       if missing:
         raise DatasetError(f"{path}: missing columns {missing}")
-      rows = [(reader.line_num, row) for row in reader]
+      rows = [(reader.line_num, functools.partial(_field, row)) for row in reader]
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DatasetError(f"{path}: cannot read the csv: {e}") from e
+  frontal = [(n, get) for n, get in rows if get("modality") == "X-ray"]
+  return path, [(n, get) for n, get in frontal if get("view") in FRONTAL_VIEWS]
+
+
+def read_ieee_candidates(
+  root: Path, other_disease: bool = False
+) -> tuple[list[Candidate], dict[str, Any]]:
+  """The COVID images of an ieee8023 checkout, and with `other_disease` its non-COVID lung-disease
+  images too (rules in the module docstring)."""
+  path, rows = _frontal_xray_rows(root)
   candidates, seen, listed_twice, absent = [], set(), [], 0
-  for line, row in rows:
-    get = functools.partial(_field, row)
-    if get("modality") != "X-ray" or get("view") not in FRONTAL_VIEWS:
-      continue
+  for line, get in rows:
     covid = is_covid_finding(get("finding"))
     if not covid and not (other_disease and is_other_disease(get("finding"))):
       continue
@@ -236,17 +240,9 @@ def no_finding_probe(root: Path) -> tuple[list[dict[str, str]], int]:
   of the frontal 'No Finding' X-rays of an ieee8023 checkout that are present, and how many listed
   ones are absent: an external probe of adult films without COVID-19 findings (most are early or
   normal films of COVID-19 patients, so never training negatives)."""
-  path = root / "metadata.csv"
-  try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      rows = list(csv.DictReader(f))
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise DatasetError(f"{path}: cannot read the csv: {e}") from e
+  path, rows = _frontal_xray_rows(root)
   probe, absent = [], 0
-  for row in rows:
-    get = functools.partial(_field, row)
-    if get("modality") != "X-ray" or get("view") not in FRONTAL_VIEWS:
-      continue
+  for _, get in rows:
     if get("finding").lower() != "no finding":
       continue
     relpath = f"{get('folder') or 'images'}/{get('filename')}"
@@ -298,22 +294,21 @@ class CxrConfig(common.LeakageConfig):
 
 def _configs() -> list[CxrConfig]:
   """exclude_duplicates and keep_duplicates (Kermany), adult and adult_keep_duplicates."""
-  configs = []
-  for negatives, prefix, what in (
-    ("kermany", "", "COVID-19 vs Kermany NORMAL (children). "),
-    ("adult", "adult", "COVID-19 vs other adult lung disease (ieee8023 only). "),
-  ):
-    for c in common.leakage_configs():
-      name = c.name if not prefix else prefix + "_keep_duplicates" * (c.name == "keep_duplicates")
-      configs.append(
-        CxrConfig(
-          name=name,
-          description=what + c.description,
-          exclude_cross_split_duplicates=c.exclude_cross_split_duplicates,
-          negatives=negatives,
-        )
-      )
-  return configs
+  adult_names = {"exclude_duplicates": "adult", "keep_duplicates": "adult_keep_duplicates"}
+  what = {
+    "kermany": "COVID-19 vs Kermany NORMAL (children). ",
+    "adult": "COVID-19 vs other adult lung disease (ieee8023 only). ",
+  }
+  return [
+    CxrConfig(
+      name=c.name if negatives == "kermany" else adult_names[c.name],
+      description=what[negatives] + c.description,
+      exclude_cross_split_duplicates=c.exclude_cross_split_duplicates,
+      negatives=negatives,
+    )
+    for negatives in what
+    for c in common.leakage_configs()
+  ]
 
 
 class CovidCxr(common.RealImageBuilder):
