@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   # two fixed ellipses; the rest is set to black), after the crop: removes corner text, markers and
   # borders. A documented prior, not a segmentation: for CXR ablations, not for CT.
   config.lung_mask = False
+  # Crop each CT slice to its lungs (`covid_flax.ct_crop`: thresholds and connected components),
+  # black outside the body, so page margins, captions, insets, the table and the air around the
+  # body never reach the model; `equalize` then equalises over the body's pixels only. Replaces
+  # center_crop. For CT, not for CXR.
+  config.ct_crop = False
 
   # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
   # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is
@@ -39,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.aug_hflip = False
   config.aug_brightness = 0.1
   config.aug_contrast = 0.1
+  # Appearance randomisation (train only), against cues of the image source: a gamma of
+  # exp(U(-aug_gamma, aug_gamma)), blur (negative) or sharpen (positive) by U(-s, s) of a 3x3
+  # unsharp mask with s = aug_sharpness, and Gaussian noise of standard deviation U(0, aug_noise).
+  config.aug_gamma = 0.0
+  config.aug_sharpness = 0.0
+  config.aug_noise = 0.0
   # Mixup / CutMix of each example with another of the batch: Beta(alpha, alpha) weights; 0 is
   # off. With both on, each example picks one of the two.
   config.mixup_alpha = 0.0

@@ -1,9 +1,11 @@
 """Config validation: every field is checked at start, and errors name the field and what is allowed."""
 
+import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
+from absl import flags
 
 from covid_flax import errors
 
@@ -11,7 +13,7 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
-DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask")
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop")
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
 # agree: a member trained on another's validation data would leak into the threshold).
 EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
@@ -33,6 +35,10 @@ ADDED_FIELDS = {
   "center_crop": 1.0,
   "equalize": False,
   "lung_mask": False,
+  "ct_crop": False,
+  "aug_gamma": 0.0,
+  "aug_sharpness": 0.0,
+  "aug_noise": 0.0,
   "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
@@ -41,6 +47,26 @@ ADDED_FIELDS = {
 
 class ConfigError(errors.UserError, ValueError):
   pass
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for every entry point (`app.run(main, flags_parser=parse_flags)`): a bad
+  flag value or a config file that does not load (missing, a syntax error, no get_config, ...)
+  ends in one line naming it, not in a double traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    config = flags.FLAGS.config if "config" in flags.FLAGS else None
+    if config is not None:  # A file that did not load raises on first use (config_flags defers it).
+      config.keys()
+    return args
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
+    sys.exit(f"error: {message}\n(--helpshort lists the flags; configs/default.py every field)")
+  except Exception as e:  # What loading a config file raised (SyntaxError, OSError, ...).
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    config = next((a for a in argv if a.startswith("--config=")), "--config")
+    sys.exit(f"error: {config}: {type(e).__name__}: {lines[-1] if lines else ''}")
 
 
 def _in(*allowed) -> tuple[Callable[[Any], bool], str]:
@@ -76,6 +102,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "center_crop": ((int, float), _range(0.2, 1)),
   "equalize": (bool, _ANY),
   "lung_mask": (bool, _ANY),
+  "ct_crop": (bool, _ANY),
   "augment": (bool, _ANY),
   "aug_rotate": ((int, float), _range(0, 180)),
   "aug_zoom": ((int, float), _range(0, 0.9)),
@@ -83,6 +110,9 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "aug_hflip": (bool, _ANY),
   "aug_brightness": ((int, float), _FRACTION),
   "aug_contrast": ((int, float), _FRACTION),
+  "aug_gamma": ((int, float), _range(0, 2)),
+  "aug_sharpness": ((int, float), _FRACTION),
+  "aug_noise": ((int, float), _range(0, 0.5)),
   "mixup_alpha": ((int, float), _range(0, 10)),
   "cutmix_alpha": ((int, float), _range(0, 10)),
   "model": (str, _ANY),

@@ -61,8 +61,9 @@ flags.DEFINE_integer("gradcam_per_group", 4, "Images per Grad-CAM row group (TP,
 flags.mark_flags_as_required(["workdir"])
 
 
-def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
-  """A fixed (seeded) sample of true positives, false positives and false negatives."""
+def _gradcam_groups(run, data, probs, threshold, per_group: int) -> tuple[dict, dict]:
+  """A fixed (seeded) sample of true positives, false positives and false negatives, and how many
+  of each there are."""
   preds = probs >= threshold
   kinds = {
     "true positives": (data.labels == 1) & preds,
@@ -72,7 +73,7 @@ def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
   rng = np.random.default_rng(0)
   model = run.model()
   dtype = train.compute_dtype(run.config)
-  groups = {}
+  groups, totals = {}, {name: int(mask.sum()) for name, mask in kinds.items()}
   for name, mask in kinds.items():
     idx = np.flatnonzero(mask)
     idx = np.sort(rng.choice(idx, size=min(per_group, len(idx)), replace=False))
@@ -82,7 +83,7 @@ def _gradcam_groups(run, data, probs, threshold, per_group: int) -> dict:
       heat = np.zeros((0, *data.images.shape[1:3]))
     titles = [f"{data.filenames[i][-28:]}\np={probs[i]:.2f}" for i in idx]
     groups[name] = (data.images[idx, ..., 0], heat, titles)
-  return groups
+  return groups, totals
 
 
 def evaluate(
@@ -134,8 +135,10 @@ def evaluate(
     log = os.path.join(run.workdir, "metrics.jsonl")
     if os.path.exists(log):
       plots.plot_training_curves(plots.load_jsonl(log), os.path.join(tmp, "training_curves.png"))
-    groups = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
-    plots.gradcam_grid(groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}")
+    groups, totals = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
+    plots.gradcam_grid(
+      groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}", totals=totals
+    )
     markdown = report.markdown_report(results, title=f"Evaluation: {title}")
     with open(os.path.join(tmp, "report.md"), "w") as f:
       f.write(markdown)
@@ -193,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -23,6 +23,7 @@ from sklearn import model_selection
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
 from covid_flax import config_lib, parallel
+from covid_flax import ct_crop as ct_crop_lib
 from covid_flax.datasets import common
 
 # Text features that evaluations report results by (`covid_flax.subgroups`), where a dataset has them.
@@ -102,13 +103,18 @@ def resize(
   center_crop: float = 1.0,
   equalize: bool = False,
   lung_mask: bool = False,
+  ct_crop: bool = False,
 ) -> np.ndarray:
   """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
   side, stretched to a square (no padding, which would add borders that differ by source), its
   grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
-  `lung_mask`."""
-  pil = Image.fromarray(np.asarray(image).reshape(image.shape[0], image.shape[1]), mode="L")
-  if center_crop < 1.0:
+  `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
+  any, over the body only)."""
+  image = np.asarray(image).reshape(image.shape[0], image.shape[1])
+  if ct_crop:
+    image, equalize = ct_crop_lib.crop_to_lungs(image, equalize), False
+  pil = Image.fromarray(image, mode="L")
+  if center_crop < 1.0 and not ct_crop:
     w, h = pil.size
     dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
     pil = pil.crop((dw, dh, w - dw, h - dh))
@@ -124,7 +130,14 @@ def resize(
 
 def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
-  return resize(image, config.image_size, config.center_crop, config.equalize, config.lung_mask)
+  return resize(
+    image,
+    config.image_size,
+    config.center_crop,
+    config.equalize,
+    config.lung_mask,
+    config.ct_crop,
+  )
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:

@@ -11,10 +11,16 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_flax import errors, metric_writers, parallel, train
+from covid_flax import config_lib, errors, metric_writers, parallel, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (a get_config()).", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Config file (a get_config()); override a field with --config.<field>=VALUE. Every field, with "
+  "its default and meaning: configs/default.py.",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -38,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -202,7 +202,7 @@ def plot_confusion_matrix(
   ax.set_yticks([0, 1], [f"{n}\n(n={rows[i, 0]})" for i, n in enumerate(class_names)])
   ax.set_xlabel("Predicted class")
   ax.set_ylabel("True class")
-  ax.set_title(f"{title}\n{int(counts.sum())} images")
+  fig.suptitle(f"{title}\n{int(counts.sum())} images")  # Over the colour bar too, not under it.
   fig.colorbar(image, ax=ax, label="share of the true class")
   return _save(fig, path)
 
@@ -331,11 +331,13 @@ def gradcam_grid(
   cmap: str = "jet",
   title: str = "Grad-CAM",
   max_per_group: int | None = None,
+  totals: Mapping[str, int] | None = None,
 ) -> Path:
   """Heat maps over their images, a block of rows per category, e.g. {"true positives": (...)}.
 
   Each value is (images (N, H, W) uint8 or float, heatmaps (N, h, w) in [0, 1] stretched over the
-  image, titles: N strings or None). An empty category gets one row saying so.
+  image, titles: N strings or None). An empty category gets one row saying so. `totals`: how many
+  images each category has in all, where the images given are a sample (row labels "4 of 13").
   """
   blocks = []
   for name, (images, heatmaps, titles) in groups.items():
@@ -347,7 +349,8 @@ def gradcam_grid(
         "titles; they must match"
       )
     keep = len(images) if max_per_group is None else min(len(images), max_per_group)
-    blocks.append((name, len(images), images[:keep], heatmaps[:keep], titles[:keep]))
+    total = len(images) if totals is None else totals.get(name, len(images))
+    blocks.append((name, total, images[:keep], heatmaps[:keep], titles[:keep]))
   n_rows = sum(max(1, math.ceil(len(b[2]) / ncols)) for b in blocks) or 1
   fig = _figure(2.3 * ncols + 1.2, 2.5 * n_rows + 0.6)
   axes = fig.subplots(n_rows, ncols, squeeze=False)

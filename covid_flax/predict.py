@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from covid_flax import errors, inference, input_pipeline
+from covid_flax import config_lib, errors, inference, input_pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

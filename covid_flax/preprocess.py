@@ -18,9 +18,29 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images - _MEAN) / _STD
 
 
+_BINOMIAL_3X3 = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
+
+
+def randomize_appearance(
+  image: jax.Array, key: jax.Array, config: ml_collections.ConfigDict
+) -> jax.Array:
+  """One (H, W) image with a random gamma, blur or sharpening, and noise (config.aug_gamma,
+  aug_sharpness, aug_noise): how a scanner, a window, a print and a re-encoding change an image's
+  look, which a model should not learn as the class."""
+  k_gamma, k_sharp, k_sigma, k_noise = jax.random.split(key, 4)
+  bound = lambda k, b: jax.random.uniform(k, (), minval=-b, maxval=b)  # noqa: E731
+  image = jnp.clip(image, 0.0, 1.0) ** jnp.exp(bound(k_gamma, config.aug_gamma))
+  padded = jnp.pad(image, 1, mode="edge")
+  blurred = jax.scipy.signal.convolve2d(padded, _BINOMIAL_3X3, mode="valid")
+  image = image + bound(k_sharp, config.aug_sharpness) * (image - blurred)
+  sigma = jax.random.uniform(k_sigma, (), maxval=config.aug_noise)
+  return image + sigma * jax.random.normal(k_noise, image.shape)
+
+
 def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
   """Per-example random affine transform (rotation, zoom, translation; bilinear, edge pixels
-  repeated), horizontal flip and brightness/contrast jitter of [0, 1] images (N, H, W, 1)."""
+  repeated), horizontal flip, brightness/contrast jitter and `randomize_appearance` (where its
+  fields are on) of [0, 1] images (N, H, W, 1)."""
   size = images.shape[1]
   center = (size - 1) / 2.0
   grid_y, grid_x = jnp.mgrid[0:size, 0:size].astype(jnp.float32) - center
@@ -46,6 +66,9 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     image = image + uniform(k_bright, config.aug_brightness)
     mean = image.mean()
     image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean
+    if config.aug_gamma or config.aug_sharpness or config.aug_noise:
+      # A key of its own: the draws above stay those of runs made before these fields existed.
+      image = randomize_appearance(image, jax.random.fold_in(key, 7), config)
     return image[..., None]
 
   return jax.vmap(one)(images, keys)

@@ -9,8 +9,8 @@ checkpoint. See covid_flax/ssl.py.
 
 from absl import app
 
+from covid_flax import config_lib, ssl
 from covid_flax import main as cli
-from covid_flax import ssl
 
 
 def main(argv: list[str]) -> None:
@@ -18,4 +18,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -2,11 +2,15 @@
 
 import importlib
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from configs import synthetic
 from covid_flax import config_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
 
@@ -119,3 +123,27 @@ def test_bad_split_or_builder_config_is_named(synthetic_data_dir, tmp_path, over
   config = tiny_config(synthetic_data_dir, **overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+  "content, expected",
+  [
+    (None, "No such file or directory"),
+    ("def get_config(:\n", "SyntaxError"),
+    ("x = 1\n", "no attribute 'get_config'"),
+    ("def get_config():\n  raise ValueError('boom')\n", "ValueError: boom"),
+  ],
+  ids=["missing", "syntax", "no_get_config", "raises"],
+)
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, content, expected):
+  path = tmp_path / "cfg.py"
+  if content is not None:
+    path.write_text(content)
+  result = subprocess.run(
+    [sys.executable, "-m", "covid_flax.main", f"--config={path}", f"--workdir={tmp_path}/w"],
+    capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+  )  # fmt: skip
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr
+  errors_ = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors_) == 1 and str(path) in errors_[0] and expected in errors_[0], result.stderr

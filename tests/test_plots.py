@@ -2,6 +2,7 @@
 
 import json
 
+import matplotlib.axes
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +93,19 @@ def test_gradcam_grid(tmp_path):
   _check_png(plots.gradcam_grid({}, tmp_path / "none.png"), min_size=(200, 150))
   with pytest.raises(ValueError, match="false negatives: 2 images, 1 heatmaps"):
     plots.gradcam_grid({"false negatives": (images[:2], heat[:1], None)}, tmp_path / "x.png")
+
+
+def test_gradcam_rows_count_every_image_of_their_category_not_only_those_shown(
+  tmp_path, monkeypatch
+):
+  labels = []
+  original = matplotlib.axes.Axes.set_ylabel
+  monkeypatch.setattr(
+    matplotlib.axes.Axes,
+    "set_ylabel",
+    lambda ax, text, **kw: labels.append(text) or original(ax, text, **kw),
+  )
+  images, heat = np.zeros((4, 16, 16), np.uint8), np.zeros((4, 16, 16))
+  groups = {"false positives": (images, heat, None), "true positives": (images[:2], heat[:2], None)}
+  plots.gradcam_grid(groups, tmp_path / "g.png", totals={"false positives": 13})
+  assert labels[:2] == ["false positives\n(4 of 13)", "true positives\n(2)"]

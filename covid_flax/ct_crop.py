@@ -1,0 +1,132 @@
+"""Crop a CT slice to its lungs, with thresholds and connected components (no weights).
+
+COVID-CT's slices are cut from paper figures (page margins, captions, panel letters, insets, the
+scanner table, air around the body) and from web images; a hospital's own slices come cropped
+inside the body. A model can tell these apart by everything *around* the lungs, so both are cut to
+the same framing:
+
+1. **Body.** The slice is thresholded (Otsu, on a lightly smoothed copy) and opened with a small
+   disk, so that thin bridges (the table, a caption's underline, text strokes) break. Bright
+   components that cover most of the image border are page margins or frames and are dropped; of
+   the rest, the largest is the body wall and soft tissue of a lung-window slice. Its holes (the
+   lungs) are filled, and every row is filled between its leftmost and rightmost body pixel, so a
+   lung that touches a tight crop's top or bottom edge is kept. A slice already cropped inside the
+   body (tissue round the border and no other large component) is all body.
+2. **Lungs.** Inside the body, the dark pixels (Otsu over the body) are opened, and the components
+   of at least `_MIN_LUNG_FRACTION` of the body are the lungs (and the airways between them).
+3. **Crop.** The lungs' bounding box plus `_MARGIN_FRACTION` of its size on each side (at least
+   `_MIN_CROP_FRACTION` of the body's box, for slices low in the chest); everything
+   outside the body set to black. With `equalize`, the grey levels are equalised over the body's
+   pixels only: a rank transform, so any monotonic window (a paper's print, a clinical PNG) maps to
+   the same grey levels.
+
+Where no lungs are found the crop falls back to the body, and where no body is found (under
+`_MIN_BODY_FRACTION` of the image) to the whole image.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+_MIN_BODY_FRACTION = 0.1  # Of the image area.
+_MIN_LUNG_FRACTION = 0.01  # Of the body's area.
+_FRAME_BORDER_FRACTION = 0.6  # A bright component on this much of the border is a frame or margin.
+_OPENING_FRACTION = 0.01  # Radius of the opening disk, as a fraction of the image's shorter side.
+_MARGIN_FRACTION = 0.05  # Kept around the lungs' bounding box, as a fraction of its size.
+_MIN_CROP_FRACTION = 0.6  # Of the body's box on each axis (a slice low in the chest: small lungs).
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+  """The grey level that best separates `values` (uint8) into two classes (Otsu 1979)."""
+  hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+  levels = np.arange(256)
+  weight_low = np.cumsum(hist)
+  weight_high = weight_low[-1] - weight_low
+  sum_low = np.cumsum(hist * levels)
+  mean_low = sum_low / np.maximum(weight_low, 1)
+  mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+  between = weight_low * weight_high * (mean_low - mean_high) ** 2
+  return float(np.argmax(between[:-1]))
+
+
+def _open(mask: np.ndarray) -> np.ndarray:
+  """`mask` opened with a disk; what touches the image border is not eroded away there."""
+  radius = max(1, round(_OPENING_FRACTION * min(mask.shape)))
+  y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+  padded = np.pad(mask, radius, mode="edge")
+  opened = ndimage.binary_opening(padded, structure=x**2 + y**2 <= radius**2)
+  return opened[radius:-radius, radius:-radius]
+
+
+def _border(array: np.ndarray) -> np.ndarray:
+  return np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+
+
+def _fill_rows(mask: np.ndarray) -> np.ndarray:
+  """Every row of `mask` True between its first and last True pixel."""
+  columns = np.arange(mask.shape[1])
+  any_row = mask.any(axis=1)
+  first = np.where(any_row, mask.argmax(axis=1), mask.shape[1])
+  last = np.where(any_row, mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1), -1)
+  return (columns >= first[:, None]) & (columns <= last[:, None])
+
+
+def body_mask(image: np.ndarray) -> np.ndarray | None:
+  """(H, W) uint8 -> (H, W) bool mask of the body, or None where none is found."""
+  smooth = ndimage.uniform_filter(np.asarray(image, np.uint8), size=3)
+  labels, count = ndimage.label(_open(smooth > otsu_threshold(smooth)))
+  sizes = np.bincount(labels.ravel(), minlength=count + 1)
+  border = np.bincount(_border(labels), minlength=count + 1) / _border(labels).size
+  frames = border > _FRAME_BORDER_FRACTION
+  frames[0] = False
+  sizes[0] = 0
+  sizes[frames] = 0
+  if sizes.any():
+    body = labels == sizes.argmax()
+    body = ndimage.binary_fill_holes(body) | _fill_rows(body)
+    if body.sum() >= _MIN_BODY_FRACTION * image.size:
+      return body
+  # Tissue round the border and nothing else large: a slice cropped inside the body.
+  return np.ones(image.shape, bool) if frames.any() else None
+
+
+def lungs_mask(image: np.ndarray, body: np.ndarray) -> np.ndarray | None:
+  """(H, W) bool mask of the lungs (the large dark components inside `body`), or None."""
+  inside = np.asarray(image, np.uint8)[body]
+  dark = _open(body & (image <= otsu_threshold(inside)))
+  labels, count = ndimage.label(dark)
+  sizes = np.bincount(labels.ravel(), minlength=count + 1)
+  sizes[0] = 0
+  keep = np.flatnonzero(sizes >= _MIN_LUNG_FRACTION * body.sum())
+  return np.isin(labels, keep) if keep.size else None
+
+
+def _box(mask: np.ndarray, outer: np.ndarray) -> tuple[slice, slice]:
+  """Rows and columns of `mask`'s bounding box plus the margin, widened about its centre to at
+  least `_MIN_CROP_FRACTION` of `outer`'s box on each axis."""
+  box = []
+  for axis in (1, 0):
+    hits, outer_hits = np.flatnonzero(mask.any(axis=axis)), np.flatnonzero(outer.any(axis=axis))
+    lo, hi = float(hits[0]), float(hits[-1] + 1)
+    pad = max(
+      _MARGIN_FRACTION * (hi - lo),
+      (_MIN_CROP_FRACTION * (outer_hits[-1] + 1 - outer_hits[0]) - (hi - lo)) / 2,
+    )
+    size = mask.shape[1 - axis]
+    box.append(slice(max(round(lo - pad), 0), min(round(hi + pad), size)))
+  return box[0], box[1]
+
+
+def crop_to_lungs(image: np.ndarray, equalize: bool = False) -> np.ndarray:
+  """(H, W) uint8 -> the lungs' bounding box (see the module docstring), black outside the body;
+  the grey levels equalised over the body's pixels if `equalize`."""
+  image = np.asarray(image, np.uint8)
+  body = body_mask(image)
+  if body is None:
+    body = np.ones(image.shape, bool)
+  lungs = lungs_mask(image, body)
+  if equalize:  # The body's cumulative histogram onto 1..255; 0 stays the background's black.
+    cdf = np.cumsum(np.bincount(image[body], minlength=256)).astype(np.float64)
+    image = np.round(1 + 254 * cdf / cdf[-1]).astype(np.uint8)[image]
+  image = np.where(body, image, 0).astype(np.uint8)
+  rows, cols = _box(lungs if lungs is not None else body, body)
+  return image[rows, cols]

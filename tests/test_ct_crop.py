@@ -1,0 +1,153 @@
+"""The CT lung crop and the appearance randomisation, on small synthetic slices."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from configs import default
+from covid_flax import ct_crop, input_pipeline, preprocess
+
+
+def _ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
+  y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
+  return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+
+def _anatomy(shape, cy, cx, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Body, lungs and a ground-glass patch in the right lung, centred at (cy, cx)."""
+  body = _ellipse(shape, cy, cx, 30 * scale, 45 * scale)
+  lungs = _ellipse(shape, cy, cx - 20 * scale, 22 * scale, 16 * scale)
+  lungs |= _ellipse(shape, cy, cx + 20 * scale, 22 * scale, 16 * scale)
+  patch = _ellipse(shape, cy + 5 * scale, cx - 22 * scale, 7 * scale, 6 * scale)
+  return body, lungs, patch
+
+
+def _slice(levels: dict[str, float], shape, cy, cx, scale, background: float, seed: int):
+  """A lung-window slice: tissue `levels['tissue']`, lungs `levels['lung']` with texture, a
+  ground-glass patch `levels['glass']`, on `background`."""
+  rng = np.random.default_rng(seed)
+  body, lungs, patch = _anatomy(shape, cy, cx, scale)
+  image = np.full(shape, background, np.float64)
+  image[body] = levels["tissue"]
+  image[lungs] = levels["lung"] + rng.normal(0, 4, lungs.sum())
+  image[lungs & patch] = levels["glass"] + rng.normal(0, 4, (lungs & patch).sum())
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def paper_figure() -> np.ndarray:
+  """A slice as a paper's figure shows it: a white page margin, a black scanner field, the scanner
+  table under the body, a caption and a panel letter."""
+  image = _slice({"tissue": 200, "lung": 20, "glass": 90}, (240, 260), 110, 130, 1.6, 0, seed=0)
+  image[:12], image[-30:], image[:, :10], image[:, -10:] = 255, 255, 255, 255  # Page margin.
+  image[172:178, 40:220] = 190  # The table.
+  pil = Image.fromarray(image)
+  draw = ImageDraw.Draw(pil)
+  draw.text((20, 15), "B", fill=255)  # Panel letter in the black field.
+  draw.text((60, 222), "Fig. 3 COVID-19 pneumonia", fill=0)  # Caption on the margin.
+  return np.asarray(pil)
+
+
+def clinical_slice() -> np.ndarray:
+  """The same anatomy as a hospital's PNG: cropped inside the body (tissue to every edge), another
+  window (grey lungs), another size."""
+  return _slice({"tissue": 250, "lung": 80, "glass": 150}, (160, 200), 80, 100, 2.0, 250, seed=1)
+
+
+def _prepared(image: np.ndarray, size: int = 64) -> np.ndarray:
+  return input_pipeline.resize(image, size, equalize=True, ct_crop=True)[..., 0].astype(float)
+
+
+def test_a_paper_figure_and_a_clinical_slice_end_up_alike():
+  figure, clinical = _prepared(paper_figure()), _prepared(clinical_slice())
+  # Without the crop they differ grossly (margins, black field, framing); with it, far less.
+  plain = [input_pipeline.resize(x, 64, equalize=True)[..., 0].astype(float)
+           for x in (paper_figure(), clinical_slice())]  # fmt: skip
+  assert np.abs(figure - clinical).mean() < 0.35 * np.abs(plain[0] - plain[1]).mean()
+  dark_figure, dark_clinical = figure < 128, clinical < 128  # The lungs sit in the same place.
+  assert (dark_figure & dark_clinical).sum() / (dark_figure | dark_clinical).sum() > 0.75
+  # Intensities in the same order: lungs, then ground glass, then tissue.
+  _, lungs, patch = _anatomy((64, 64), 31.5, 31.5, 0.6)  # Roughly where the crop puts them.
+  for image in (figure, clinical):
+    assert image[lungs & ~patch].mean() < image[patch & lungs].mean() < image[~lungs].mean()
+
+
+def test_the_crop_removes_margin_caption_table_and_field():
+  figure = paper_figure()
+  cropped = ct_crop.crop_to_lungs(figure)
+  body, lungs, _ = _anatomy(figure.shape, 110, 130, 1.6)
+  height, width = (np.ptp(np.flatnonzero(lungs.any(axis))) + 1 for axis in (1, 0))
+  # The lungs' box plus a 5 % margin: no page margin, caption or table is left.
+  assert height * 1.1 - 1 <= cropped.shape[0] <= height * 1.1 + 1
+  assert width * 1.1 - 1 <= cropped.shape[1] <= width * 1.1 + 1
+  mask = ct_crop.body_mask(figure)
+  assert mask[body].mean() > 0.97 and mask[~body].mean() < 0.01
+  unmasked = ct_crop.crop_to_lungs(np.where(mask, figure, 0).astype(np.uint8))
+  np.testing.assert_array_equal(cropped, unmasked)  # Nothing from outside the body is left.
+
+
+def test_a_slice_cropped_inside_the_body_is_all_body():
+  clinical = clinical_slice()
+  assert ct_crop.body_mask(clinical).all()
+  lungs = ct_crop.lungs_mask(clinical, ct_crop.body_mask(clinical))
+  _, truth, _ = _anatomy(clinical.shape, 80, 100, 2.0)
+  assert (lungs & truth).sum() / (lungs | truth).sum() > 0.9
+
+
+@pytest.mark.parametrize(
+  "image", [np.zeros((50, 60), np.uint8), np.full((50, 60), 255, np.uint8)], ids=["black", "white"]
+)
+def test_without_a_body_the_image_is_kept_whole(image):
+  assert ct_crop.crop_to_lungs(image).shape == image.shape
+
+
+def test_no_body_is_found_in_a_black_image():
+  assert ct_crop.body_mask(np.zeros((50, 60), np.uint8)) is None
+
+
+def test_otsu_threshold_separates_two_modes():
+  values = np.concatenate([np.full(100, 30), np.full(50, 200)]).astype(np.uint8)
+  assert 30 <= ct_crop.otsu_threshold(values) < 200
+
+
+def test_ct_crop_is_part_of_the_prepared_image():
+  config = default.get_config()
+  config.image_size, config.equalize = 48, True
+  image = paper_figure()
+  plain = input_pipeline.prepare_image(image, config)
+  config.ct_crop = True
+  cropped = input_pipeline.prepare_image(image, config)
+  assert cropped.shape == plain.shape == (48, 48, 1)
+  expected = np.asarray(
+    Image.fromarray(ct_crop.crop_to_lungs(image, equalize=True)).resize(
+      (48, 48), Image.Resampling.BICUBIC, reducing_gap=3.0
+    )
+  )
+  np.testing.assert_array_equal(cropped[..., 0], expected)
+
+
+def _config(**fields):
+  config = default.get_config()
+  config.aug_rotate = config.aug_zoom = config.aug_translate = 0.0
+  config.aug_brightness = config.aug_contrast = 0.0
+  config.update(fields)
+  return config
+
+
+def test_appearance_randomisation_is_off_by_default_and_changes_images_when_on():
+  images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
+  keys = jax.random.split(jax.random.key(1), 4)
+  np.testing.assert_allclose(preprocess.augment(images, keys, _config()), images, atol=1e-6)
+  for field in ("aug_gamma", "aug_sharpness", "aug_noise"):
+    out = preprocess.augment(images, keys, _config(**{field: 0.5}))
+    assert np.abs(out - images).mean() > 1e-3, field
+
+
+def test_gamma_keeps_the_order_of_grey_levels_and_the_range():
+  ramp = np.linspace(0, 1, 16)[None].repeat(16, 0)
+  for seed in range(4):
+    out = preprocess.randomize_appearance(ramp, jax.random.key(seed), _config(aug_gamma=0.7))
+    assert np.all(np.diff(np.asarray(out[0])) > 0) and 0 <= out.min() and out.max() <= 1
+  flat = np.full((8, 8), 0.4)
+  out = preprocess.randomize_appearance(flat, jax.random.key(0), _config(aug_sharpness=1.0))
+  np.testing.assert_allclose(out, flat, atol=1e-6)  # Blur and sharpening leave flat areas alone.
