@@ -188,7 +188,7 @@ def load_saved_config(workdir: str, step: int | None = None) -> ml_collections.C
 # What a run writes in its workdir; `config.overwrite` moves all of it aside together, so that no
 # old evaluation (its operating point, say) or log is taken for the new run's.
 RUN_OUTPUTS = ("checkpoints", "corrupt_checkpoints", "eval", "metrics.jsonl", "tensorboard",
-               "train_summary.json")  # fmt: skip
+               "train_summary.json", "config.json")  # fmt: skip
 
 
 def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -31,7 +31,14 @@ def run(entry: Callable[[ml_collections.ConfigDict, str], Any], argv: list[str])
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   metric_writers.quiet_library_logs()
-  logging.info("Config:\n%s", FLAGS.config)
+  config = FLAGS.config
+  logging.info(
+    "%s: dataset %s, model %s, %d px, %d epochs of batch %d, learning rate %g (every field: "
+    "--verbosity=1, or config.json in the workdir)", FLAGS["config"].serialize().split("=", 1)[-1],
+    config.dataset, config.model, config.image_size, config.num_epochs, config.batch_size,
+    config.learning_rate,
+  )  # fmt: skip
+  logging.vlog(1, "Config:\n%s", config)
   try:
     parallel.initialize_distributed(FLAGS.config)
     entry(FLAGS.config, FLAGS.workdir)

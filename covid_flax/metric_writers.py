@@ -44,11 +44,22 @@ class MetricWriter:
       self._jsonl.close()
 
 
+# Library warnings that say nothing a user can act on.
+_NOISE = (
+  "OpenCV is not installed",
+  "Given directory is read only",
+  "A polynomial schedule was set",
+)
+
+
 class _DropLibraryInfo(pylogging.Filter):
-  """Keeps warnings and errors, and info from covid_flax; Orbax logs every save step at info."""
+  """Keeps info from covid_flax only (Orbax logs every save step, TFDS every dataset info it
+  reads), and warnings and errors except _NOISE."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if record.levelno >= pylogging.WARNING:
+      return not any(text in str(record.msg) for text in _NOISE)
+    return f"{os.sep}covid_flax{os.sep}" in record.pathname
 
 
 def quiet_library_logs() -> None:

@@ -7,6 +7,7 @@ them (logging, checks, checkpoints, signals).
 """
 
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -270,6 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config_lib.validate(config)
   checkpointing.check_workdir_compatible(workdir, config)
   is_chief = jax.process_index() == 0
+  if is_chief:  # For people: the checkpoints hold the config that resuming and evaluation read.
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   mesh = parallel.create_mesh()
   train_data, val_data = input_pipeline.load_train_and_eval(config)
   # A final fit on train+val: the val metrics are still logged, but no 'best' checkpoint is chosen
@@ -325,6 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )  # fmt: skip
   elif is_chief:
     print(f"Training in {workdir} is already complete ({total_steps} steps); nothing to do.")
+  if is_chief:
+    print(f"Outputs in {workdir}: checkpoints/, metrics.jsonl, tensorboard/, train_summary.json.\n"
+          f"Next: python -m covid_flax.evaluate --workdir={workdir}  (test metrics, plots, report)")  # fmt: skip
   return state
 
 

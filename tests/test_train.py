@@ -64,6 +64,7 @@ def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
   assert steps[-1] == val[-1]["step"]
   summary = json.load(open(f"{workdir}/train_summary.json"))
   assert summary["num_train_examples"] > 0 and summary["final_val"]["auc"] == val[-1]["auc"]
+  assert json.load(open(f"{workdir}/config.json")) == config.to_dict()  # For people to read.
 
 
 def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(
