@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import time
+import traceback
 from typing import Any, Iterator, NoReturn
 
 import jax
@@ -124,6 +125,13 @@ def exit_after_signal(manager: ocp.CheckpointManager, signum: int, step: int) ->
   raise SystemExit(128 + signum)
 
 
+def describe_error(error: BaseException, limit: int = 300) -> str:
+  """One line for a failed restore: Orbax and TensorStore errors carry pages of specs."""
+  text = str(error).split(" See full TensorStore details")[0].strip().splitlines()
+  line = f"{type(error).__name__}: {text[0] if text else ''}"
+  return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
   restored = manager.restore(
     step,
@@ -142,22 +150,24 @@ def restore_latest_usable(
   checkpoint directory (so the run can save those steps again); if none is usable this raises and
   moves nothing."""
   steps = sorted(manager.all_steps(), reverse=True)
-  bad = []
+  bad = {}
   for step in steps:
     try:
       state, data_iter = restore(manager, step, abstract_state)
     except Exception as e:  # Orbax raises many types for damaged files.
-      logging.error("Checkpoint step %d in %s is unusable (%s: %s); trying an older one.", step,
-                    manager.directory, type(e).__name__, str(e)[:300])  # fmt: skip
-      bad.append(step)
+      logging.error("Checkpoint step %d in %s is unusable (%s); trying an older one.", step,
+                    manager.directory, describe_error(e))  # fmt: skip
+      bad[step] = "".join(traceback.format_exception(e))
       continue
     if bad and jax.process_index() == 0:
       aside = epath.Path(manager.directory).parent / "corrupt_checkpoints"
       aside.mkdir(parents=True, exist_ok=True)
-      for b in bad:
+      for b, details in bad.items():
         target = aside / f"{b}-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(epath.Path(manager.directory) / str(b), target)
-        logging.warning("Moved unusable checkpoint step %d to %s", b, target)
+        (target / "restore_error.txt").write_text(details)  # The whole error, with the checkpoint.
+        logging.warning("Moved unusable checkpoint step %d to %s (the error: restore_error.txt)",
+                        b, target)  # fmt: skip
     if bad:
       parallel.sync_processes("moved unusable checkpoints")
       manager.reload()

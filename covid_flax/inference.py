@@ -11,6 +11,7 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -135,6 +136,23 @@ def load_run(
     raise checkpointing.CheckpointError(f"workdir {workdir} does not exist")
   manager = checkpointing.create_manager(workdir, read_only=True)
   step = _select_step(manager, workdir, checkpoint)
+  # 'latest' falls back to the newest checkpoint that restores, as resuming a training run does.
+  steps = [step]
+  if checkpoint == "latest":
+    steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      return _load_step(manager, workdir, step, config, strict)
+    except checkpointing.CheckpointError as e:
+      if i + 1 == len(steps):
+        raise
+      logging.warning("%s; evaluating the previous checkpoint, step %d, instead", e, steps[i + 1])
+  raise AssertionError("unreachable")
+
+
+def _load_step(
+  manager, workdir: str, step: int, config: ml_collections.ConfigDict | None, strict: bool
+) -> Run:
   saved = config_lib.with_added_fields(checkpointing.load_saved_config(workdir, step))
   if config is not None and strict:
     differ = {
@@ -162,7 +180,8 @@ def load_run(
   except Exception as e:
     raise checkpointing.CheckpointError(
       f"checkpoint step {step} in {manager.directory} does not restore as a {saved.model!r} "
-      f"model at image size {saved.image_size} (is it from another model, or damaged?): {e}"
+      f"model at image size {saved.image_size} (is it from another model, or damaged?): "
+      f"{checkpointing.describe_error(e)}"
     ) from e
   _, p_eval = train.make_parallel_steps(mesh, graphdef, train.create_optimizer(saved, 1, 2), saved)
   return Run(workdir, saved, step, graphdef, state, mesh, p_eval)

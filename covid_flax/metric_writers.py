@@ -3,10 +3,12 @@
 import ctypes
 import ctypes.util
 import functools
+import inspect
 import json
 import logging as pylogging
 import os
 import resource
+import sys
 from typing import Any
 
 import jax
@@ -49,6 +51,7 @@ _NOISE = (
   "OpenCV is not installed",
   "Given directory is read only",
   "A polynomial schedule was set",
+  "CheckpointManagerOptions.read_only=True",
 )
 
 
@@ -58,12 +61,20 @@ class _DropLibraryInfo(pylogging.Filter):
 
   def filter(self, record: pylogging.LogRecord) -> bool:
     if record.levelno >= pylogging.WARNING:
-      return not any(text in str(record.msg) for text in _NOISE)
+      return not any(text in record.getMessage() for text in _NOISE)
     return f"{os.sep}covid_flax{os.sep}" in record.pathname
 
 
+def _drop_abandoned_coroutines(unraisable) -> None:
+  """Orbax leaves the reads of a damaged checkpoint's other arrays as coroutines that fail when
+  collected: pages of "Exception ignored in: <coroutine ...>" after the one-line error."""
+  if not inspect.iscoroutine(unraisable.object):
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_library_logs() -> None:
-  absl_logging.get_absl_logger().addFilter(_DropLibraryInfo())
+  absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  sys.unraisablehook = _drop_abandoned_coroutines
 
 
 def peak_rss_mib() -> float:

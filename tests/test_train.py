@@ -244,6 +244,26 @@ def test_corrupt_latest_checkpoint_falls_back(synthetic_data_dir, tmp_path):
   assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == [
     str(steps[-1])
   ]
+  (moved,) = (workdir / "corrupt_checkpoints").iterdir()
+  assert "Traceback" in (moved / "restore_error.txt").read_text()  # The details, kept with it.
+
+
+def test_evaluation_of_a_corrupt_latest_checkpoint_falls_back_in_one_line(
+  synthetic_data_dir, tmp_path, caplog
+):
+  from covid_flax import inference
+
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(synthetic_data_dir), str(workdir))
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  _garble(workdir / "checkpoints" / str(steps[-1]))
+  before = sorted(str(p) for p in workdir.rglob("*"))
+  assert inference.load_run(str(workdir), "latest").step == steps[-2]
+  assert f"evaluating the previous checkpoint, step {steps[-2]}, instead" in caplog.text
+  with pytest.raises(checkpointing.CheckpointError, match=f"checkpoint step {steps[-1]} ") as e:
+    inference.load_run(str(workdir), str(steps[-1]))  # A step asked for by number: no fallback.
+  assert "\n" not in str(e.value) and len(str(e.value)) < 600
+  assert sorted(str(p) for p in workdir.rglob("*")) == before  # Evaluation moves nothing.
 
 
 def test_all_checkpoints_corrupt_is_an_error_and_keeps_them(synthetic_data_dir, tmp_path):
