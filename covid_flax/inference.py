@@ -218,15 +218,45 @@ def operating_point(run: Run | Ensemble) -> dict:
   return point
 
 
-def load_images(paths: list[str], config: ml_collections.ConfigDict) -> np.ndarray:
-  """Files -> (N, S, S, 1) uint8, each opened by content and cropped and resized as the run's
-  training data was (`config` is the run's)."""
+# Images with a side under this many pixels are scored but warned about: upscaled to the model's
+# size, they hold next to nothing of what it learned from.
+MIN_SIDE = 32
+
+
+def load_usable_images(
+  paths: list[str], config: ml_collections.ConfigDict
+) -> tuple[np.ndarray, dict[str, str]]:
+  """Files -> ((N, S, S, 1) uint8 of the files that load, {path: why not} of those that do not).
+  Each is opened by content and cropped and resized as the run's training data was (`config` is
+  the run's); a tiny image is loaded with a warning."""
   size = config.image_size
   out = np.empty((len(paths), size, size, 1), np.uint8)
+  usable, failures = [], {}
   for i, path in enumerate(paths):
-    image = np.asarray(image_io.load_grayscale(path))
+    try:
+      image = np.asarray(image_io.load_grayscale(path))
+    except (common.DatasetError, OSError) as e:
+      failures[path] = str(e)
+      continue
+    if min(image.shape[:2]) < MIN_SIDE:
+      logging.warning("%s is only %dx%d pixels: its prediction means little", path,
+                      image.shape[1], image.shape[0])  # fmt: skip
     out[i] = input_pipeline.prepare_image(image, config)
-  return out
+    usable.append(i)
+  return out[usable], failures
+
+
+def load_images(paths: list[str], config: ml_collections.ConfigDict) -> np.ndarray:
+  """`load_usable_images`, where every file must load: one error lists each that does not."""
+  images, failures = load_usable_images(paths, config)
+  if failures:
+    raise common.DatasetError(unusable_listing(failures))
+  return images
+
+
+def unusable_listing(failures: dict[str, str]) -> str:
+  lines = [f"{path}: {why}" if path not in why else why for path, why in failures.items()]
+  return f"{len(failures)} images cannot be used:\n  " + "\n  ".join(lines)
 
 
 def _parse_label(value: str, where: str) -> int:
@@ -260,16 +290,25 @@ def load_images_dir(
         f"{labels_csv}: needs the header 'relpath,label[,patient_id]', got {reader.fieldnames}"
       )
     groups = {g: [] for g in input_pipeline.GROUP_FEATURES if g in reader.fieldnames}
+    problems = []  # Every bad row, reported together.
     for line, row in enumerate(reader, start=2):
       where = f"{labels_csv} line {line}"
       path = os.path.join(images_dir, row["relpath"] or "")
       if not row["relpath"] or not os.path.isfile(path):
-        raise common.DatasetError(f"{where}: image {row['relpath']!r} not found in {images_dir}")
-      labels.append(_parse_label(row["label"] or "", where))
+        problems.append(f"{where}: image {row['relpath']!r} not found in {images_dir}")
+        continue
+      try:
+        labels.append(_parse_label(row["label"] or "", where))
+      except common.DatasetError as e:
+        problems.append(str(e))
+        continue
       relpaths.append(row["relpath"])
       patients.append((row.get("patient_id") or "").strip() or row["relpath"])
       for g, values in groups.items():
         values.append((row[g] or "").strip())
+  if problems:
+    raise common.DatasetError(f"{len(problems)} rows of {labels_csv} cannot be used:\n  "
+                              + "\n  ".join(problems))  # fmt: skip
   if not relpaths:
     raise common.DatasetError(f"{labels_csv} lists no images")
   images = load_images([os.path.join(images_dir, p) for p in relpaths], config)

@@ -27,15 +27,20 @@ def main(argv):
     raise app.UsageError("Give one or more image files.")
   try:
     run = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
-    images = inference.load_images(paths, run.config)
+    images, failures = inference.load_usable_images(paths, run.config)
     threshold = inference.operating_point(run)["threshold"]
   except errors.UserError as e:
     sys.exit(f"error: {e}")
-  names = np.asarray(paths)
-  probs = run.predict(
-    input_pipeline.SplitData(images, np.zeros(len(paths), np.int32), names, names)
-  )
-  rows = [(p, float(q), "covid" if q >= threshold else "non_covid") for p, q in zip(paths, probs)]
+  usable = [p for p in paths if p not in failures]
+  rows = []
+  if usable:
+    names = np.asarray(usable)
+    probs = run.predict(
+      input_pipeline.SplitData(images, np.zeros(len(usable), np.int32), names, names)
+    )
+    rows = [
+      (p, float(q), "covid" if q >= threshold else "non_covid") for p, q in zip(usable, probs)
+    ]
   print(f"# step {run.step}, threshold {threshold:.4f} (chosen on validation)")
   for path, prob, decision in rows:
     print(f"{path}\t{prob:.4f}\t{decision}")
@@ -45,6 +50,8 @@ def main(argv):
       writer.writerow(["filename", "probability", "decision", "threshold", "step"])
       for path, prob, decision in rows:
         writer.writerow([path, repr(prob), decision, threshold, run.step])
+  if failures:  # The predictions that could be made are out; the rest are named, and it fails.
+    sys.exit(f"error: {inference.unusable_listing(failures)}")
 
 
 if __name__ == "__main__":

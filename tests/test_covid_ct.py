@@ -288,6 +288,17 @@ def test_bad_input_stops_the_build_and_names_it(case, ct_tree, tmp_path):
   assert_nothing_prepared(tmp_path / "data", "covid_ct", "exclude_duplicates")
 
 
+def test_every_unusable_image_is_named_in_one_error(ct_tree, tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(ct_tree, manual)
+  _corrupt(manual / "COVID-CT")
+  _truncate(manual / "COVID-CT")
+  with pytest.raises(DatasetError, match="2 of .* images cannot be used") as e:
+    build(manual, tmp_path / "data")
+  assert "d-p6.png" in str(e.value) and "0.jpg" in str(e.value)
+  assert_nothing_prepared(tmp_path / "data", "covid_ct", "exclude_duplicates")
+
+
 def test_failure_while_writing_leaves_no_dataset(ct_tree, tmp_path, monkeypatch):
   calls, original = [], image_io.encode_png
 

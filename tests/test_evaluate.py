@@ -114,6 +114,38 @@ def test_predict_agrees_with_evaluate(run, images_dir, tmp_path):
     assert got[name]["decision"] == ("covid" if prob >= threshold else "non_covid")
 
 
+def test_predict_writes_what_it_can_and_names_every_failure(run, images_dir, tmp_path):
+  good = sorted(os.path.join(images_dir, n) for n in os.listdir(images_dir) if n.endswith(".png"))
+  (tmp_path / "broken.png").write_bytes(b"not an image")
+  Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
+  paths = [good[0], str(tmp_path / "missing.png"), good[1], str(tmp_path / "broken.png"),
+           str(tmp_path / "dot.png")]  # fmt: skip
+  output = tmp_path / "preds.csv"
+  proc = subprocess.run(
+    [sys.executable, "-m", "covid_flax.predict", f"--workdir={run.workdir}", f"--output={output}",
+     *paths], cwd=REPO_ROOT, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 1
+  assert "2 images cannot be used" in proc.stderr
+  assert "missing.png: file not found" in proc.stderr and "broken.png" in proc.stderr
+  assert "dot.png is only 1x1 pixels" in proc.stderr  # Scored, with a warning.
+  with open(output) as f:
+    assert [r["filename"] for r in csv.DictReader(f)] == [
+      good[0],
+      good[1],
+      str(tmp_path / "dot.png"),
+    ]
+
+
+def test_every_bad_row_of_a_labels_csv_is_named_in_one_error(run, images_dir):
+  with open(os.path.join(images_dir, "labels.csv"), "w") as f:
+    f.write("relpath,label\nimg00.png,covid\nmissing.png,covid\nimg01.png,pneumonia\n")
+  with pytest.raises(common.DatasetError, match="2 rows of .* cannot be used") as e:
+    inference.load_images_dir(images_dir, run.config)
+  assert "line 3: image 'missing.png' not found" in str(e.value)
+  assert "line 4: unknown label 'pneumonia'" in str(e.value)
+
+
 def test_missing_workdir_and_checkpoint(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
     inference.load_run(str(tmp_path / "nope"))

@@ -24,6 +24,9 @@ class DatasetError(errors.UserError, ValueError):
   """Bad or missing input data; the message names the file or field at fault."""
 
 
+_LISTED = 50  # Unusable images named in one error; the rest are counted.
+
+
 def base_features(**extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   """The features every builder has (plus `extra`): the input pipeline reads only these."""
   return tfds.features.FeaturesDict(
@@ -159,7 +162,20 @@ class RealImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     repeated = sorted(k for k, n in collections.Counter(c.key for c in candidates).items() if n > 1)
     if repeated:
       raise DatasetError(f"{self.name}: images found twice: {repeated[:5]}")
-    fingerprints = [audit.fingerprint(c.load()) for c in candidates]
+    fingerprints, unusable = [], []
+    for c in candidates:  # Every image is checked, so one error lists all the unusable ones.
+      try:
+        fingerprints.append(audit.fingerprint(c.load()))
+      except DatasetError as e:
+        unusable.append(str(e))
+    if unusable:
+      listing = "\n  ".join(
+        unusable[:_LISTED] + [f"... and {len(unusable) - _LISTED} more"] * (len(unusable) > _LISTED)
+      )
+      raise DatasetError(
+        f"{self.name}: {len(unusable)} of {len(candidates)} images cannot be used (nothing was "
+        f"written):\n  {listing}"
+      )
     build.update(self._assign_splits(candidates, fingerprints))
     records = [
       audit.ImageRecord(c.key, c.split, LABEL_NAMES[c.label], c.patient_id, fp)
