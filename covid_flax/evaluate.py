@@ -34,6 +34,7 @@ from covid_flax import (
   report,
   subgroups,
   train,
+  xla_flags,
 )
 
 FLAGS = flags.FLAGS
@@ -196,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_flags.use_cpu_defaults()
   app.run(main, flags_parser=config_lib.parse_flags)

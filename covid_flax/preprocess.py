@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from covid_flax.parallel import DATA_AXIS
 
@@ -18,7 +19,7 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images - _MEAN) / _STD
 
 
-_BINOMIAL_3X3 = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
+_BINOMIAL_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0  # numpy: no backend at import.
 
 
 def randomize_appearance(

@@ -9,7 +9,7 @@ checkpoint. See covid_flax/ssl.py.
 
 from absl import app
 
-from covid_flax import config_lib, ssl
+from covid_flax import config_lib, ssl, xla_flags
 from covid_flax import main as cli
 
 
@@ -18,4 +18,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  xla_flags.use_cpu_defaults()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from covid_flax import input_pipeline, metric_writers, parallel, train  # noqa: E402
+from covid_flax import input_pipeline, metric_writers, parallel, train, xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/cxr.py", "Config to benchmark.")
@@ -220,4 +220,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_flags.use_cpu_defaults()
   app.run(main)

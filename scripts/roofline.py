@@ -6,7 +6,7 @@ Prints one JSON object per line: `matmul` (a 2048^3 product, float32 and bfloat1
 the seed CNN's four 3x3 convolutions at this image size, the median ms and GFLOP/s of its forward
 pass, input gradient and weight gradient, each jitted alone. Together with `benchmark.py` this says
 how far the train step is from what the machine can do (README, "Performance"). Run it with the
-XLA flags under test in XLA_FLAGS; `covid_flax`'s defaults apply unless COVID_FLAX_XLA_DEFAULTS=0.
+XLA flags under test in XLA_FLAGS; `covid_flax.xla_flags` defaults apply unless COVID_FLAX_XLA_DEFAULTS=0.
 """
 
 import json
@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import covid_flax  # noqa: E402, F401  (sets XLA:CPU flags before the backend starts)
+from covid_flax import xla_flags  # noqa: E402
 
 flags.DEFINE_integer("image_size", 128, "Input image size of the seed CNN.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -92,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_flags.use_cpu_defaults()  # Before the backend starts.
   app.run(main)
