@@ -132,6 +132,11 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def abstract_like(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of `tree`: the restore target for Orbax."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
   restored = manager.restore(
     step,

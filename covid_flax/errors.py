@@ -4,3 +4,7 @@ checkpoint, a diverging run): entry points print them as one line, without a tra
 
 class UserError(Exception):
   """Its message names the thing at fault: file, field or value."""
+
+
+class DatasetError(UserError, ValueError):
+  """Bad or missing input data; the message names the file or field at fault."""

@@ -30,10 +30,10 @@ from covid_flax import (
   input_pipeline,
   metric_writers,
   metrics,
+  models,
   plots,
   report,
   subgroups,
-  train,
   xla_flags,
 )
 
@@ -73,7 +73,7 @@ def _gradcam_groups(run, data, probs, threshold, per_group: int) -> tuple[dict, 
   }
   rng = np.random.default_rng(0)
   model = run.model()
-  dtype = train.compute_dtype(run.config)
+  dtype = models.compute_dtype(run.config)
   groups, totals = {}, {name: int(mask.sum()) for name, mask in kinds.items()}
   for name, mask in kinds.items():
     idx = np.flatnonzero(mask)

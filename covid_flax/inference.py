@@ -15,7 +15,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from covid_flax import checkpointing, config_lib, input_pipeline, metrics, parallel, train
+from covid_flax import checkpointing, config_lib, input_pipeline, metrics, optim, parallel, train
 from covid_flax.datasets import common, image_io
 
 # Fields of the run's saved config that a `--config` given to evaluation may change: where the data
@@ -183,7 +183,7 @@ def _load_step(
       f"model at image size {saved.image_size} (is it from another model, or damaged?): "
       f"{checkpointing.describe_error(e)}"
     ) from e
-  _, p_eval = train.make_parallel_steps(mesh, graphdef, train.create_optimizer(saved, 1, 2), saved)
+  _, p_eval = train.make_parallel_steps(mesh, graphdef, optim.create_optimizer(saved, 1, 2), saved)
   return Run(workdir, saved, step, graphdef, state, mesh, p_eval)
 
 

@@ -26,8 +26,9 @@ from covid_flax import (
   config_lib,
   input_pipeline,
   loop,
+  models,
+  optim,
   parallel,
-  train,
 )
 from covid_flax.parallel import DATA_AXIS
 from covid_flax.preprocess import augmented_batch, normalize
@@ -100,7 +101,7 @@ def load_encoder(
     raise checkpointing.CheckpointError(
       f"{where}: pretraining checkpoint step {step} does not restore ({e})"
     ) from e
-  head = nnx.eval_shape(lambda: train.create_model(config)).HEAD_MODULES  # Not transferred.
+  head = nnx.eval_shape(lambda: models.from_config(config)).HEAD_MODULES  # Not transferred.
 
   def transfer(fresh: nnx.State, pretrained: nnx.State) -> nnx.State:
     fresh_flat = dict(nnx.to_flat_state(fresh))
@@ -128,7 +129,7 @@ class PretrainState(flax.struct.PyTreeNode):
 def create_pretrain_state(
   config: ml_collections.ConfigDict, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, PretrainState]:
-  encoder = train.create_model(config, config.seed)
+  encoder = models.from_config(config, config.seed)
   model = SimCLRModel(
     encoder, config.image_size, config.ssl_projection_dim, rngs=nnx.Rngs(config.seed + 1)
   )
@@ -145,7 +146,7 @@ def create_pretrain_state(
 
 def abstract_pretrain_state(config: ml_collections.ConfigDict) -> PretrainState:
   """Shapes, dtypes and a single-device sharding of a PretrainState, for restoring its encoder."""
-  tx = train.create_optimizer(config, 1, 2)
+  tx = optim.create_optimizer(config, 1, 2)
   state = jax.eval_shape(lambda: create_pretrain_state(config, tx)[1])
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
@@ -170,7 +171,7 @@ def pretrain_step(
   views = [
     augmented_batch(images, batch["index"], example_ids, key, view_config) for key in (key1, key2)
   ]
-  views = normalize(jnp.concatenate(views)).astype(train.compute_dtype(config))
+  views = normalize(jnp.concatenate(views)).astype(models.compute_dtype(config))
   dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
   # Parameters enter as per-device (varying) values, so each device differentiates its own loss and
   # the explicit pmean below averages; left replicated, shard_map's autodiff would sum them.
@@ -224,9 +225,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   checkpointing.check_workdir_compatible(workdir, config)
   mesh = parallel.create_mesh()
   data = input_pipeline.load_split(config, config.train_split)
-  steps_per_epoch = train.count_steps_per_epoch(config, len(data))
+  steps_per_epoch = optim.count_steps_per_epoch(config, len(data))
   total_steps = steps_per_epoch * config.num_epochs
-  tx = train.create_optimizer(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_pretrain_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_step = make_parallel_step(mesh, graphdef, tx, config)
@@ -235,7 +236,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
     input_pipeline.train_dataset(data, config.batch_size, config.seed)
   )
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, track_best=False)
-  restored = checkpointing.restore_latest_usable(manager, train.abstract_like(state))
+  restored = checkpointing.restore_latest_usable(manager, checkpointing.abstract_like(state))
   if restored:
     step, state, iter_state = restored
     data_iter.set_state(iter_state)

@@ -28,13 +28,13 @@ from covid_flax import (
   loop,
   metric_writers,
   models,
+  optim,
   parallel,
+  ssl,
 )
 from covid_flax.metrics import compute_metrics
 from covid_flax.parallel import DATA_AXIS
 from covid_flax.preprocess import augmented_batch, mixed_batch, normalize
-
-NUM_CLASSES = 2
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -46,55 +46,10 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array  # Raw uint32 key data; per-step keys are folded in from it.
 
 
-def compute_dtype(config: ml_collections.ConfigDict):
-  return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  return models.create_model(
-    config.model,
-    image_size=config.image_size,
-    num_classes=NUM_CLASSES,
-    dropout_rate=config.dropout_rate,
-    dtype=compute_dtype(config),
-    rngs=nnx.Rngs(seed),
-  )
-
-
-def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-) -> optax.GradientTransformation:
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
-  if config.lr_schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup, max(total_steps, warmup + 1)
-    )
-  else:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, warmup),
-         optax.constant_schedule(config.learning_rate)], [warmup],
-    )  # fmt: skip
-  if config.optimizer == "adamw":
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
-  else:
-    tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=True),
-    )
-  if config.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  if config.sam_rho > 0:
-    # Sharpness-aware minimisation (Foret et al. 2021): step with the gradient taken at the worst
-    # point within `sam_rho` of the weights (one normalised ascent step): twice the compute.
-    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
-    tx = optax.contrib.sam(tx, ascent, opaque_mode=True)
-  return optax.with_extra_args_support(tx)
-
-
 def create_train_state(
   config: ml_collections.ConfigDict, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
-  model = create_model(config, config.seed)
+  model = models.from_config(config, config.seed)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -109,8 +64,6 @@ def create_train_state(
 
 def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """`state` with its encoder taken from the `covid_flax.pretrain` run in `config.init_from`."""
-  from covid_flax import ssl  # ssl builds on this module.
-
   params, model_state = ssl.load_encoder(config.init_from, config, state.params, state.model_state)
   logging.info("Encoder initialised from the pretraining run in %s", config.init_from)
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
@@ -120,7 +73,7 @@ def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict) -
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
   """Softmax cross-entropy against integer labels (N,) or target distributions (N, classes)."""
   if targets.ndim == 1:
-    targets = jax.nn.one_hot(targets, NUM_CLASSES)
+    targets = jax.nn.one_hot(targets, models.NUM_CLASSES)
   return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
@@ -142,12 +95,12 @@ def train_step(
   example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
   if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
     images, lam, partner_labels = mixed_batch(images, batch, example_ids, aug_key, mix_key, config)
-    own, other = (jax.nn.one_hot(y, NUM_CLASSES) for y in (batch["label"], partner_labels))
+    own, other = (jax.nn.one_hot(y, models.NUM_CLASSES) for y in (batch["label"], partner_labels))
     targets = lam[:, None] * own + (1.0 - lam[:, None]) * other
   else:
     images = augmented_batch(images, batch["index"], example_ids, aug_key, config)
     targets = batch["label"]
-  images = normalize(images).astype(compute_dtype(config))
+  images = normalize(images).astype(models.compute_dtype(config))
   dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
 
   # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
@@ -207,7 +160,7 @@ def eval_step(
 ) -> tuple[jax.Array, jax.Array]:
   """P(covid) and the loss for each of this device's examples."""
   model = nnx.merge(graphdef, eval_params(state, config), state.model_state)
-  images = normalize(batch["image"]).astype(compute_dtype(config))
+  images = normalize(batch["image"]).astype(models.compute_dtype(config))
   probs = jax.nn.softmax(model(images, train=False))
   if config.tta_hflip:  # Test-time augmentation: average with the mirror image.
     probs = (probs + jax.nn.softmax(model(images[:, :, ::-1], train=False))) / 2.0
@@ -283,9 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if not held_out:
     logging.warning("config.eval_split=%r is part of config.train_split=%r: its metrics are not "
                     "held out and choose no 'best' checkpoint", config.eval_split, config.train_split)  # fmt: skip
-  steps_per_epoch = count_steps_per_epoch(config, len(train_data))
+  steps_per_epoch = optim.count_steps_per_epoch(config, len(train_data))
   total_steps = steps_per_epoch * config.num_epochs
-  tx = create_optimizer(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
   graphdef, state = create_train_state(config, tx)
   # Without a held-out split no best is tracked (Orbax would warn at every save that no metric
   # came), unless this workdir already holds one: tracking keeps it from being deleted.
@@ -299,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   data_iter = input_pipeline.train_iterator(
     input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
   )
-  restored = checkpointing.restore_latest_usable(manager, abstract_like(state))
+  restored = checkpointing.restore_latest_usable(manager, checkpointing.abstract_like(state))
   if restored:
     step, state, iter_state = restored
     data_iter.set_state(iter_state)
@@ -336,26 +289,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def count_steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
-  """Full global batches per epoch of the training split (the last partial one is dropped)."""
-  if num_examples < config.batch_size:
-    raise config_lib.ConfigError(
-      f"config.batch_size={config.batch_size} is larger than the {num_examples} training "
-      f"examples of {config.dataset}:{config.train_split}; use a batch size <= {num_examples}"
-    )
-  return num_examples // config.batch_size
-
-
-def abstract_like(tree: Any) -> Any:
-  """Shapes, dtypes and shardings of `tree`: the restore target for Orbax."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def abstract_train_state(config: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, shape/dtype/sharding tree) of a TrainState for `config`, for restoring in
   evaluation: the optimizer state has the same structure whatever the schedule's length."""
-  tx = create_optimizer(config, 1, 2)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config)))
+  tx = optim.create_optimizer(config, 1, 2)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config)))
   state = jax.eval_shape(lambda: create_train_state(config, tx)[1])
   sharding = parallel.replicated(mesh)
   return graphdef, jax.tree.map(

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from conftest import data_mesh, tiny_config
 
-from covid_flax import input_pipeline, parallel, train
+from covid_flax import input_pipeline, optim, parallel, train
 
 
 def _run(config, mesh, data, batches):
-  tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
@@ -77,7 +77,7 @@ def test_eval_batches_pad_and_mask():
 def test_tta_hflip_averages_with_the_mirror_image():
   config = tiny_config("", image_size=32)
   mesh = data_mesh(8)
-  tx = train.create_optimizer(config, 10, 100)
+  tx = optim.create_optimizer(config, 10, 100)
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, data_mesh, fill_disk, tiny_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from covid_flax import config_lib, input_pipeline, parallel, ssl, train
+from covid_flax import config_lib, input_pipeline, optim, parallel, ssl, train
 
 
 def _reference_nt_xent(z1, z2, temperature):
@@ -44,7 +44,7 @@ def test_nt_xent_matches_reference_on_any_mesh(devices):
 
 
 def _pretrain_steps(config, mesh, data, batches):
-  tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   graphdef, state = ssl.create_pretrain_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   step = ssl.make_parallel_step(mesh, graphdef, tx, config)
@@ -106,7 +106,7 @@ def test_pretraining_lowers_the_contrastive_loss(pretrained):
 
 def test_finetune_starts_from_the_pretrained_encoder(pretrained, synthetic_data_dir, tmp_path):
   config = tiny_config(synthetic_data_dir, init_from=pretrained, num_epochs=1)
-  tx = train.create_optimizer(config, 10, 100)
+  tx = optim.create_optimizer(config, 10, 100)
   _, fresh = train.create_train_state(config, tx)
   loaded = train.init_from_pretrained(fresh, config)
   saved = ssl.abstract_pretrain_state(ssl.checkpointing.load_saved_config(pretrained))
@@ -126,7 +126,7 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, synthetic_data_
 
 
 def test_init_from_errors_name_the_field(pretrained, synthetic_data_dir, tmp_path):
-  tx = train.create_optimizer(tiny_config(""), 10, 100)
+  tx = optim.create_optimizer(tiny_config(""), 10, 100)
   missing = tiny_config(synthetic_data_dir, init_from=str(tmp_path / "nope"))
   with pytest.raises(config_lib.ConfigError, match="config.init_from=.*has no checkpoints"):
     train.init_from_pretrained(train.create_train_state(missing, tx)[1], missing)

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO_ROOT, fill_disk, tiny_config
 
-from covid_flax import checkpointing, config_lib, loop, metric_writers, plots, train
+from covid_flax import checkpointing, config_lib, loop, metric_writers, optim, plots, train
 
 
 def _main_cmd(workdir, data_dir, *extra):
@@ -335,7 +335,7 @@ def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir)
                        dropout_rate=0.0, sam_rho=0.5)  # fmt: skip
   mesh = data_mesh(1)
   data = input_pipeline.load_split(config, "train")
-  tx = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   graphdef, state0 = train.create_train_state(config, tx)
   state0 = jax.device_get(state0)  # A host copy: the step donates the device one.
   batch = {"index": np.arange(32, dtype=np.int32), "label": data.labels[:32]}

@@ -14,14 +14,14 @@ from absl import logging
 from PIL import Image
 
 from covid_flax import errors
+from covid_flax.datasets import audit, image_io
 
 # Index 1 is the positive class everywhere (metrics, thresholds, Grad-CAM).
 LABEL_NAMES = ("non_covid", "covid")
 POSITIVE_LABEL = 1
 
 
-class DatasetError(errors.UserError, ValueError):
-  """Bad or missing input data; the message names the file or field at fault."""
+DatasetError = errors.DatasetError  # Here too: what the builders raise.
 
 
 _LISTED = 50  # Unusable images named in one error; the rest are counted.
@@ -153,8 +153,6 @@ class RealImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {}
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    from covid_flax.datasets import audit  # Imported here: audit imports this module.
-
     candidates, build = self._find_candidates(dl_manager)
     for label, name in enumerate(LABEL_NAMES):
       if not any(c.label == label for c in candidates):
@@ -221,8 +219,6 @@ class RealImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
   def _generate_examples(self, candidates: list[Candidate]) -> Iterator[tuple[str, dict[str, Any]]]:
-    from covid_flax.datasets import image_io  # Imported here: image_io imports this module.
-
     for c in candidates:
       yield (
         c.key,

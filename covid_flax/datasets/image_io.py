@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from covid_flax.datasets.common import DatasetError
+from covid_flax.errors import DatasetError
 
 # Images with more pixels than this are refused before decoding. 100 MP is far above any real CXR
 # or CT slice (the largest here are ~4 MP) but well below what would exhaust memory.

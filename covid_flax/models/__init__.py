@@ -2,11 +2,15 @@
 
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet18Quarter, ResNet50
 from covid_flax.models.seed_cnn import SeedCNN
 from covid_flax.models.tiny import TinyCNN
+
+NUM_CLASSES = 2  # non-COVID, COVID.
 
 # Every model maps (N, H, W, 1) images to (N, num_classes) logits and has `features` (the last
 # convolutional feature map, for Grad-CAM and pretraining), `head` (features -> logits) and
@@ -25,3 +29,19 @@ def create_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
   if name not in MODELS:
     raise ValueError(f"config.model={name!r} is not a known model; choose one of {sorted(MODELS)}")
   return MODELS[name](rngs=rngs, **kwargs)
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
+  """The classifier `config` describes (model, image size, dropout, precision)."""
+  return create_model(
+    config.model,
+    image_size=config.image_size,
+    num_classes=NUM_CLASSES,
+    dropout_rate=config.dropout_rate,
+    dtype=compute_dtype(config),
+    rngs=nnx.Rngs(seed),
+  )
