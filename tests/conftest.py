@@ -1,6 +1,5 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported), no network, shared fixtures."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -24,25 +23,13 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
 
+from helpers import tiny_config  # noqa: E402
 
-def tiny_config(data_dir: str, **overrides):
-  """configs/synthetic.py shrunk for tests: tiny model, small images, 2 epochs, no augmentation."""
-  from configs import synthetic
 
-  config = synthetic.get_config()
-  config.data_dir = data_dir
-  config.model = "tiny_cnn"
-  config.image_size = 48
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_epochs = 2
-  config.learning_rate = 1e-2
-  config.warmup_epochs = 0.2
-  config.augment = False
-  config.progress_bar = False
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+def pytest_configure(config):
+  config.addinivalue_line(
+    "markers", "slow: end-to-end (trains, starts processes); pytest -m 'not slow' skips them"
+  )
 
 
 @pytest.fixture(scope="session")
@@ -65,53 +52,3 @@ def small_disk(tmp_path) -> Path:
     pytest.skip("cannot mount a small tmpfs here (needs root) to simulate a full disk")
   yield mount
   subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-@contextlib.contextmanager
-def fill_disk(disk: Path):
-  """Fills `disk` to the last byte for the duration of the block."""
-  filler = disk / "filler"
-  fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-  try:
-    while os.write(fd, b"\0" * 4096):
-      pass
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-  try:
-    yield
-  finally:
-    os.remove(filler)
-
-
-def smooth_image(seed: int, size=(64, 48)):
-  """A random low-frequency 'L' image: hashes are stable under rescaling, distinct per seed."""
-  import numpy as np
-  from PIL import Image
-
-  small = np.random.default_rng(seed).integers(0, 256, (6, 8), dtype=np.uint8)
-  return Image.fromarray(small, "L").resize(size, Image.Resampling.BICUBIC)
-
-
-def assert_nothing_prepared(data_dir: Path, dataset: str, config: str | None = None) -> None:
-  """No prepared (or half-prepared) copy of `dataset` in data_dir, and TFDS agrees."""
-  import tensorflow_datasets as tfds
-
-  assert not list(data_dir.glob(f"{dataset}/{config or '*'}/1.0.0"))
-  assert not list(data_dir.glob(f"{dataset}/*/incomplete*"))
-  name = f"{dataset}/{config}" if config else dataset
-  assert not tfds.builder(name, data_dir=data_dir).is_prepared()
-  with pytest.raises(KeyError, match="has not been generated"):
-    tfds.data_source(name, split="train", data_dir=data_dir, download=False)
-
-
-def data_mesh(n: int):
-  """A 1-D `data` mesh over the first n (fake CPU) devices."""
-  import jax
-  import numpy as np
-
-  from covid_flax import parallel
-
-  return jax.sharding.Mesh(np.array(jax.devices()[:n]), (parallel.DATA_AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip

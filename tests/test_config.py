@@ -116,7 +116,7 @@ def test_another_clipping_norm_or_sam_radius_can_resume(field):
   ],
 )
 def test_bad_split_or_builder_config_is_named(synthetic_data_dir, tmp_path, overrides, message):
-  from conftest import tiny_config
+  from helpers import tiny_config
 
   from covid_flax import train
 

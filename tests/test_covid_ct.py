@@ -12,7 +12,7 @@ import numpy as np
 import openpyxl
 import pytest
 import tensorflow_datasets as tfds
-from conftest import assert_nothing_prepared, smooth_image
+from helpers import assert_nothing_prepared, smooth_image
 from PIL import Image
 
 from covid_flax.datasets import audit, common, covid_ct, image_io

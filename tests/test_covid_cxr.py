@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import assert_nothing_prepared, smooth_image
+from helpers import assert_nothing_prepared, smooth_image
 from PIL import Image
 
 from covid_flax.datasets import audit, common, covid_cxr

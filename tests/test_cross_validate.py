@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, tiny_config
 from sklearn import metrics as skm
 
 from covid_flax import checkpointing, config_lib, cross_validation, inference, input_pipeline

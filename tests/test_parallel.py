@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import data_mesh, tiny_config
+from helpers import data_mesh, tiny_config
 
 from covid_flax import input_pipeline, optim, parallel, train
 

@@ -7,8 +7,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, data_mesh, fill_disk, tiny_config
 from flax import nnx
+from helpers import REPO_ROOT, data_mesh, fill_disk, tiny_config
 from jax.sharding import PartitionSpec as P
 
 from covid_flax import config_lib, input_pipeline, optim, parallel, ssl, train

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO_ROOT, fill_disk, tiny_config
+from helpers import REPO_ROOT, fill_disk, tiny_config
 
 from covid_flax import checkpointing, config_lib, loop, metric_writers, optim, plots, train
 
@@ -324,8 +324,8 @@ def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir)
   """With SGD, one SAM step is w - lr * grad(w + rho * g / |g|), g = grad(w): checked against that
   formula evaluated by hand on the same batch."""
   import jax
-  from conftest import data_mesh
   from flax import nnx
+  from helpers import data_mesh
   from jax.sharding import PartitionSpec as P
 
   from covid_flax import input_pipeline, parallel
