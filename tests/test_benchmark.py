@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
 
 def test_benchmark_prints_every_measure(synthetic_data_dir):

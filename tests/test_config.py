@@ -125,6 +125,7 @@ def test_bad_split_or_builder_config_is_named(synthetic_data_dir, tmp_path, over
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "content, expected",
   [

@@ -13,6 +13,8 @@ from sklearn import metrics as skm
 
 from covid_flax import checkpointing, config_lib, cross_validation, inference, input_pipeline
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 
 def _split_data(n_patients: int, seed: int = 0) -> input_pipeline.SplitData:
   """1-3 images per patient, one label per patient, about a third positive."""

@@ -25,6 +25,8 @@ from covid_flax import (
 )
 from covid_flax.datasets import common
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 PLOTS = ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "training_curves.png",
          "gradcam.png")  # fmt: skip
 

@@ -20,7 +20,13 @@ def test_max_pool_matches_nnx_values_and_gradients(window, stride, shape):
   np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(reference))(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+_LARGE = ("resnet18", "resnet18_w16", "resnet18_w32", "resnet50")  # Seconds to compile each: slow.
+
+
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n in _LARGE else n for n in sorted(models.MODELS)],
+)
 def test_every_model_maps_images_to_logits_and_features_to_head(name):
   model = models.create_model(name, image_size=64, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 1))  # Zeros would map to zero logits.
@@ -31,6 +37,7 @@ def test_every_model_maps_images_to_logits_and_features_to_head(name):
     assert hasattr(model, attribute), f"{name}.HEAD_MODULES names a missing {attribute!r}"
 
 
+@pytest.mark.slow
 def test_each_halving_of_the_resnet18_width_quarters_the_weights():
   def count(name):
     model = models.create_model(name, image_size=64, rngs=nnx.Rngs(0))

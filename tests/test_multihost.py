@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import launch_local  # noqa: E402
 from test_train import _assert_identical, _final_params  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 TIMEOUT_S = 240
 
 

@@ -23,6 +23,7 @@ def _run(config, mesh, data, batches):
   return losses, jax.device_get(state), np.asarray(probs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "model,recipe",
   [

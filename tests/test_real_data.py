@@ -12,9 +12,12 @@ import tensorflow_datasets as tfds
 from covid_flax.datasets import audit, common, covid_ct, covid_cxr
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(
-  not DATA.is_dir(), reason=f"real data not found at {DATA} (../shared/data from the repo root)"
-)
+pytestmark = [
+  pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"real data not found at {DATA} (../shared/data from the repo root)"
+  ),
+  pytest.mark.slow,
+]
 
 OFFICIAL_CT = {"train": (191, 234), "val": (60, 58), "test": (98, 105)}  # (COVID, NonCOVID)
 KNOWN_CT_DUPLICATES = {

@@ -13,6 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from covid_flax import config_lib, input_pipeline, optim, parallel, ssl, train
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 
 def _reference_nt_xent(z1, z2, temperature):
   """Textbook NT-Xent (SimCLR, eq. 1) over 2N views, in numpy."""

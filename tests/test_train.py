@@ -17,6 +17,8 @@ from helpers import REPO_ROOT, fill_disk, tiny_config
 
 from covid_flax import checkpointing, config_lib, loop, metric_writers, optim, plots, train
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 
 def _main_cmd(workdir, data_dir, *extra):
   flags = dict(model="tiny_cnn", image_size=48, num_epochs=3, learning_rate=0.01,

@@ -8,6 +8,8 @@ from helpers import REPO_ROOT
 
 from covid_flax import xla_flags
 
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
 # Entry points define clashing absl flags: one process per group.
 MODULES = [("main", "pretrain", "cross_validate", "train", "input_pipeline", "preprocess",
             "inference", "ct_crop", "models", "ssl", "gradcam"), ("evaluate",), ("predict",)]  # fmt: skip
