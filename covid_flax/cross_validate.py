@@ -13,7 +13,7 @@ report.md and roc.png. The folds depend only on the data (`input_pipeline.cv_fol
 recipes cross-validated on the same train_split are scored on the same images; compare them with a
 paired bootstrap:
 
-  python scripts/compare.py runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
+  python -m covid_flax.compare runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
 
 `--checkpoint=latest` (default) scores each fold's last checkpoint, which is what a final fit keeps
 (it has no held-out data to choose by); `best` takes the checkpoint each fold's own AUC picked, an

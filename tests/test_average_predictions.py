@@ -1,7 +1,6 @@
-"""scripts/average_predictions.py: the ensemble of prediction-only runs (cross-validations)."""
+"""covid_flax/average_predictions.py: the ensemble of prediction-only runs (cross-validations)."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,20 +8,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from covid_flax import report
+from covid_flax import average_predictions as average
+from covid_flax import compare, report
 
 _ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name):
-  spec = importlib.util.spec_from_file_location(name, _ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-average = _load_script("average_predictions")
-compare = _load_script("compare")
 
 
 def _eval_dir(root, name, probs, labels=None, patients=None, filenames=None):

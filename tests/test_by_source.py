@@ -1,6 +1,5 @@
-"""scripts/by_source.py on a fake evaluation where one negative source is a shortcut."""
+"""covid_flax/by_source.py on a fake evaluation where one negative source is a shortcut."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,13 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_flax import metrics, report
-
-_SPEC = importlib.util.spec_from_file_location(
-  "by_source", Path(__file__).resolve().parents[1] / "scripts" / "by_source.py"
-)
-by_source = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(by_source)
+from covid_flax import by_source, metrics, report
 
 
 @pytest.fixture

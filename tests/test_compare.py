@@ -1,7 +1,6 @@
-"""scripts/compare.py on fake workdirs built with covid_flax.metrics."""
+"""covid_flax/compare.py on fake workdirs built with covid_flax.metrics."""
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,13 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_flax import metrics
-
-_SPEC = importlib.util.spec_from_file_location(
-  "compare", Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
-)
-compare = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare)
+from covid_flax import compare, metrics
 
 
 def _fake_workdir(root, name, separation, seed, step=300, summary=None, n_patients=80):

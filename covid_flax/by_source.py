@@ -1,7 +1,7 @@
 """How well an evaluated model separates the classes within each image source: a shortcut check.
 
-  python scripts/by_source.py runs/ct/eval/test-741 [--source_regex='^([a-z]+)_']
-  python scripts/by_source.py runs/ct/eval/test-741 --images_root=DATA/COVID-CT/Images-processed
+  python -m covid_flax.by_source runs/ct/eval/test-741 [--source_regex='^([a-z]+)_']
+  python -m covid_flax.by_source runs/ct/eval/test-741 --images_root=DATA/COVID-CT/Images-processed
 
 Reads `predictions.csv` and `metrics.json` of one evaluation. An image's source is the first group
 of `--source_regex` matched against its patient id; by default the id without its trailing number
@@ -26,9 +26,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from sklearn.metrics import roc_auc_score
-
-if __package__ in (None, ""):  # Run as a script from a checkout: make covid_flax importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covid_flax import metrics as metrics_lib
 from covid_flax import report
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rows = by_source(args.eval_dir, args.source_regex, args.n_resamples, args.images_root)
   except (OSError, ValueError) as e:
-    print(f"by_source: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
   group = "source" if args.images_root is None else "format"
   threshold = f"{rows[0]['threshold']:.3g}" if rows else "n/a"

@@ -1,7 +1,7 @@
 """Compare two runs (e.g. CXR and CT): one Markdown table and both ROC curves on one figure.
 
-  python scripts/compare.py runs/cxr runs/ct [--output=DIR] [--split=test] [--names=CXR,CT]
-  python scripts/compare.py runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
+  python -m covid_flax.compare runs/cxr runs/ct [--output=DIR] [--split=test] [--names=CXR,CT]
+  python -m covid_flax.compare runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
 
 From each workdir it reads the latest `eval/<split>-<step>/metrics.json` and `predictions.csv`
 (columns filename, patient_id, label, probability), or those of an evaluation folder given directly
@@ -29,9 +29,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-
-if __package__ in (None, ""):  # Run as a script from a checkout: make covid_flax importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covid_flax import metrics as metrics_lib
 from covid_flax import plots, report
@@ -298,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.workdirs, output, names, args.split, args.threshold, args.n_resamples, args.seed
     )
   except (FileNotFoundError, ValueError) as e:
-    print(f"compare.py: error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"Wrote {output / 'comparison.md'}, {output / 'roc_comparison.png'}")
   return 0

@@ -1,6 +1,6 @@
 """The ensemble of runs that are only predictions: average their probabilities, score the average.
 
-  python scripts/average_predictions.py runs/cv_s0/eval/cv-latest runs/cv_s1/eval/cv-latest \
+  python -m covid_flax.average_predictions runs/cv_s0/eval/cv-latest runs/cv_s1/eval/cv-latest \
       --output=runs/cv_ensemble
 
 For evaluation folders without checkpoints behind them, chiefly cross-validations (seeds or recipes
@@ -8,22 +8,18 @@ on the same folds): what an ensemble would score, measured without the test spli
 checkpoints use `covid_flax.evaluate --ensemble` instead, which also carries a val-chosen threshold.
 Each folder's predictions.csv must score the same images (filename, patient and label); the output
 folder gets predictions.csv, metrics.json at threshold 0.5 (a mean of probabilities has no val
-threshold of its own) and report.md, so `scripts/compare.py` and `scripts/by_source.py` read it like
+threshold of its own) and report.md, so `covid_flax.compare` and `covid_flax.by_source` read it like
 any evaluation. It is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-if __package__ in (None, ""):  # Run as a script from a checkout: make covid_flax importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covid_flax import metrics, report
 
