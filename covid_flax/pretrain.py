@@ -4,17 +4,17 @@
   python -m covid_flax.main --config=configs/ct.py --config.init_from=runs/ct_ssl --workdir=runs/ct
 
 Same flags as `covid_flax.main`; running the same command again resumes from the latest
-checkpoint. See covid_flax/ssl.py.
+checkpoint. See covid_flax/simclr.py.
 """
 
 from absl import app
 
-from covid_flax import config_lib, ssl, xla_flags
+from covid_flax import config_lib, simclr, xla_flags
 from covid_flax import main as cli
 
 
 def main(argv: list[str]) -> None:
-  cli.run(ssl.pretrain, argv)
+  cli.run(simclr.pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from covid_flax import (
   models,
   optim,
   parallel,
-  ssl,
+  simclr,
 )
 from covid_flax.metrics import compute_metrics
 from covid_flax.parallel import DATA_AXIS
@@ -64,7 +64,9 @@ def create_train_state(
 
 def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
   """`state` with its encoder taken from the `covid_flax.pretrain` run in `config.init_from`."""
-  params, model_state = ssl.load_encoder(config.init_from, config, state.params, state.model_state)
+  params, model_state = simclr.load_encoder(
+    config.init_from, config, state.params, state.model_state
+  )
   logging.info("Encoder initialised from the pretraining run in %s", config.init_from)
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                        model_state=model_state)  # fmt: skip

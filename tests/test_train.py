@@ -369,7 +369,7 @@ def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir)
 
 
 def test_pretraining_refuses_sam(synthetic_data_dir, tmp_path):
-  from covid_flax import ssl
+  from covid_flax import simclr
 
   with pytest.raises(config_lib.ConfigError, match=r"config.sam_rho=0.05"):
-    ssl.pretrain(tiny_config(synthetic_data_dir, sam_rho=0.05), str(tmp_path / "ssl"))
+    simclr.pretrain(tiny_config(synthetic_data_dir, sam_rho=0.05), str(tmp_path / "ssl"))

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-on
 
 # Entry points define clashing absl flags: one process per group.
 MODULES = [("main", "pretrain", "cross_validate", "train", "input_pipeline", "preprocess",
-            "inference", "ct_crop", "models", "ssl", "gradcam"), ("evaluate",), ("predict",)]  # fmt: skip
+            "inference", "ct_crop", "models", "simclr", "gradcam"), ("evaluate",), ("predict",)]  # fmt: skip
 
 
 @pytest.mark.parametrize("modules", MODULES, ids=lambda m: m[0])

@@ -11,7 +11,7 @@ from flax import nnx
 from helpers import REPO_ROOT, data_mesh, fill_disk, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from covid_flax import config_lib, input_pipeline, optim, parallel, ssl, train
+from covid_flax import config_lib, input_pipeline, optim, parallel, simclr, train
 
 pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
@@ -35,7 +35,7 @@ def test_nt_xent_matches_reference_on_any_mesh(devices):
   z2 = z1 + 0.3 * z2
   z2 /= np.linalg.norm(z2, axis=1, keepdims=True)
   loss_fn = jax.shard_map(
-    lambda a, b: jax.lax.pmean(ssl.nt_xent(a, b, 0.5), parallel.DATA_AXIS),
+    lambda a, b: jax.lax.pmean(simclr.nt_xent(a, b, 0.5), parallel.DATA_AXIS),
     mesh=data_mesh(devices),
     in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
     out_specs=P(),
@@ -47,9 +47,9 @@ def test_nt_xent_matches_reference_on_any_mesh(devices):
 
 def _pretrain_steps(config, mesh, data, batches):
   tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
-  graphdef, state = ssl.create_pretrain_state(config, tx)
+  graphdef, state = simclr.create_pretrain_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
-  step = ssl.make_parallel_step(mesh, graphdef, tx, config)
+  step = simclr.make_parallel_step(mesh, graphdef, tx, config)
   cache = input_pipeline.device_cache(mesh, data)
   losses = []
   for batch in batches:
@@ -111,9 +111,9 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, synthetic_data_
   tx = optim.create_optimizer(config, 10, 100)
   _, fresh = train.create_train_state(config, tx)
   loaded = train.init_from_pretrained(fresh, config)
-  saved = ssl.abstract_pretrain_state(ssl.checkpointing.load_saved_config(pretrained))
-  manager = ssl.checkpointing.create_manager(pretrained, read_only=True, track_best=False)
-  pre, _ = ssl.checkpointing.restore(manager, manager.latest_step(), saved)
+  saved = simclr.abstract_pretrain_state(simclr.checkpointing.load_saved_config(pretrained))
+  manager = simclr.checkpointing.create_manager(pretrained, read_only=True, track_best=False)
+  pre, _ = simclr.checkpointing.restore(manager, manager.latest_step(), saved)
   for path, value in nnx.to_flat_state(loaded.params):
     expected = pre.params["encoder"] if path[0] != "out" else fresh.params
     for key in path:
@@ -149,7 +149,7 @@ def test_pretraining_resumes_where_it_stopped(pretrained, synthetic_data_dir, tm
   config.dataset = "covid_synthetic/cxr"
   for key, value in {**_ssl_flags(synthetic_data_dir), "num_epochs": 3}.items():
     config[key] = value
-  state = ssl.pretrain(config, workdir)
+  state = simclr.pretrain(config, workdir)
   assert int(state.step) == 3 * (618 // 64)
   steps = [r["step"] for r in plots.load_jsonl(f"{workdir}/metrics.jsonl")]
   assert steps == sorted(set(steps)) and steps[-1] == 27  # Continued, not restarted.
@@ -168,6 +168,6 @@ def test_disk_full_stops_pretraining_cleanly_and_resumes(
   config.dataset = "covid_synthetic/cxr"
   for key, value in {**_ssl_flags(synthetic_data_dir), "num_epochs": 3}.items():
     config[key] = value
-  with fill_disk(small_disk), pytest.raises(ssl.checkpointing.CheckpointError, match="intact"):
-    ssl.pretrain(config, str(workdir))
-  assert int(ssl.pretrain(config, str(workdir)).step) == 3 * (618 // 64)  # Resumes.
+  with fill_disk(small_disk), pytest.raises(simclr.checkpointing.CheckpointError, match="intact"):
+    simclr.pretrain(config, str(workdir))
+  assert int(simclr.pretrain(config, str(workdir)).step) == 3 * (618 // 64)  # Resumes.
