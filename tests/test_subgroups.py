@@ -143,3 +143,29 @@ def test_kept_test_and_probe_results_match_their_predictions(folder):
   if "no_finding" in folder.name:
     assert len(labels) == 19 and not labels.any()
     assert results["threshold_val"]["confusion_matrix"]["fp"] == round(called * 19)
+
+
+_KEPT_CT = sorted((_KEPT / "ct_probe").glob("*_seed0_*"))
+
+
+@pytest.mark.parametrize("folder", _KEPT_CT, ids=lambda p: p.name)
+def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
+  """docs/ct_probe.md's numbers: the old and the new CT recipe on test and on the external probe."""
+  _, labels, probs, groups, results = _read(folder)
+  assert results["threshold_val"]["metrics"]["roc_auc"]["value"] == pytest.approx(
+    roc_auc_score(labels, probs)
+  )
+  if folder.name.endswith("_probe"):
+    assert (len(labels), int(labels.sum())) == (120, 60)
+    threshold = results["threshold_val"]["threshold"]
+    for finding, group in results["subgroups"]["finding"].items():
+      share = np.mean(probs[groups["finding"] == finding] >= threshold)
+      assert group["called_covid"]["value"] == pytest.approx(share)
+    assert int(np.sum(groups["finding"] == "ground-glass visible")) == 39
+  else:
+    assert results["threshold_val"]["counts"]["n_images"] == 201
+
+
+def test_kept_ct_results_exist():
+  assert [p.name for p in _KEPT_CT] == ["crop_app_seed0_probe", "crop_app_seed0_test",
+                                        "old_seed0_probe", "old_seed0_test"]  # fmt: skip
