@@ -7,8 +7,10 @@ augments and normalises them there (`preprocess.augmented_batch`). The host move
 step.
 """
 
+import contextlib
 import dataclasses
 import functools
+import io
 from concurrent import futures
 from typing import Iterator, Mapping
 
@@ -72,10 +74,13 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
   if builder.is_prepared():
     return
-  logging.info("Preparing %s into %s", config.dataset, builder.data_dir)
+  logging.info("Preparing %s into %s (once)", config.dataset, builder.data_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
   try:
-    builder.download_and_prepare(download_config=download_config)
+    # TFDS prints "Downloading and preparing dataset Unknown size" even for a builder that
+    # downloads nothing; its progress bars (stderr) stay.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=download_config)
   except OSError:
     if not builder.is_prepared():  # Not another process having finished it first.
       raise

@@ -52,6 +52,7 @@ _NOISE = (
   "Given directory is read only",
   "A polynomial schedule was set",
   "CheckpointManagerOptions.read_only=True",
+  "has no dataset_info.json",
 )
 
 
