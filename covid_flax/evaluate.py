@@ -87,6 +87,28 @@ def _gradcam_groups(run, data, probs, threshold, per_group: int) -> tuple[dict, 
   return groups, totals
 
 
+def _write_plots(tmp, run, data, probs, results, point, title: str, gradcam_per_group: int) -> None:
+  """ROC and PR curves (both classes only), confusion matrix, reliability, training curves and
+  the Grad-CAM grid, into `tmp`."""
+  curve = plots.curve_from_results(data.labels, probs, results)
+  if len(np.unique(data.labels)) == 2:  # ROC and PR curves need both classes.
+    plots.plot_roc({run.config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
+    plots.plot_precision_recall({run.config.model: curve}, os.path.join(tmp, "pr.png"))
+  val_record = metrics.threshold_records(results)["threshold_val"]
+  plots.plot_confusion_matrix(
+      val_record["confusion_matrix"], os.path.join(tmp, "confusion_matrix.png"),
+      title=f"Confusion matrix at threshold {point['threshold']:.3f} (chosen on val)",
+  )  # fmt: skip
+  plots.plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
+  log = os.path.join(run.workdir, "metrics.jsonl")
+  if os.path.exists(log):
+    plots.plot_training_curves(plots.load_jsonl(log), os.path.join(tmp, "training_curves.png"))
+  groups, totals = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
+  plots.gradcam_grid(
+    groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}", totals=totals
+  )
+
+
 def evaluate(
   run: inference.Run | inference.Ensemble,
   data: input_pipeline.SplitData,
@@ -114,47 +136,29 @@ def evaluate(
     matched_sources,
   )  # fmt: skip
   out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
+  which = f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
+  title = f"{run.config.model} on {run.config.dataset} {name}, {which}"
+  notes = []
+  if num_trained_on:
+    notes.append(f"**Not held out**: the run trained on {num_trained_on} of these {len(data)} "
+                 f"examples ({run.config.train_split!r}).")  # fmt: skip
+  if len(np.unique(data.labels)) < 2:
+    notes.append("Only one class is present: no ROC or precision-recall curve.")
+  if isinstance(run, inference.Ensemble):
+    members = ", ".join(f"{r.workdir} (step {r.step})" for r in run.runs)
+    notes.append(f"Ensemble: the mean probability of {members}.")
+  notes.append(f"Operating point: threshold {point['threshold']:.4f}, the highest with "
+               f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.")  # fmt: skip
   with report.atomic_dir(out_dir) as tmp:
     report.write_results(
       tmp, results, data.filenames, data.patient_ids, data.labels, probs, data.attributes
     )
-    which = (
-      f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
-    )
-    title = f"{run.config.model} on {run.config.dataset} {name}, {which}"
-    curve = plots.curve_from_results(data.labels, probs, results)
-    both_classes = len(np.unique(data.labels)) == 2  # ROC and PR curves need both.
-    if both_classes:
-      plots.plot_roc({run.config.model: curve}, os.path.join(tmp, "roc.png"), title=f"ROC: {title}")
-      plots.plot_precision_recall({run.config.model: curve}, os.path.join(tmp, "pr.png"))
-    val_record = metrics.threshold_records(results)["threshold_val"]
-    plots.plot_confusion_matrix(
-        val_record["confusion_matrix"], os.path.join(tmp, "confusion_matrix.png"),
-        title=f"Confusion matrix at threshold {point['threshold']:.3f} (chosen on val)",
-    )  # fmt: skip
-    plots.plot_reliability(data.labels, probs, os.path.join(tmp, "reliability.png"))
-    log = os.path.join(run.workdir, "metrics.jsonl")
-    if os.path.exists(log):
-      plots.plot_training_curves(plots.load_jsonl(log), os.path.join(tmp, "training_curves.png"))
-    groups, totals = _gradcam_groups(run, data, probs, point["threshold"], gradcam_per_group)
-    plots.gradcam_grid(
-      groups, os.path.join(tmp, "gradcam.png"), title=f"Grad-CAM: {title}", totals=totals
-    )
+    _write_plots(tmp, run, data, probs, results, point, title, gradcam_per_group)
     markdown = report.markdown_report(results, title=f"Evaluation: {title}")
+    if results["subgroups"]:
+      markdown += "\n" + subgroups.markdown(results["subgroups"])
     with open(os.path.join(tmp, "report.md"), "w") as f:
-      f.write(markdown)
-      if results["subgroups"]:
-        f.write("\n" + subgroups.markdown(results["subgroups"]))
-      if num_trained_on:
-        f.write(f"\n**Not held out**: the run trained on {num_trained_on} of these {len(data)} "
-                f"examples ({run.config.train_split!r}).\n")  # fmt: skip
-      if not both_classes:
-        f.write("\nOnly one class is present: no ROC or precision-recall curve.\n")
-      if isinstance(run, inference.Ensemble):
-        members = ", ".join(f"{r.workdir} (step {r.step})" for r in run.runs)
-        f.write(f"\nEnsemble: the mean probability of {members}.\n")
-      f.write(f"\nOperating point: threshold {point['threshold']:.4f}, the highest with "
-              f"sensitivity >= {point['target_sensitivity']} on {point['chosen_on']}.\n")  # fmt: skip
+      f.write(markdown + "".join(f"\n{note}\n" for note in notes))
   return out_dir
 
 
