@@ -9,7 +9,7 @@ The views are augmented much more strongly than for supervised training (crops b
 rotations, flips, strong intensity jitter): what stays the same between two views of a slice is
 what the encoder learns. Pretrained at 96x96 (ResNet convolutions work at any size) to fit more
 epochs into the CPU budget; the classifier is fine-tuned at configs/ct.py's 128x128 for 60 epochs
-(pretraining + fine-tuning then fit in 45 minutes on 2 cores).
+(timings and results: docs/results.md).
 """
 
 from configs import ct

@@ -93,8 +93,8 @@ def trim_host_memory() -> None:
   """Hands the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
 
   Each epoch's validation and checkpoint buffers are freed but stay in glibc's arenas, and later
-  allocations do not always fit in them, so peak RSS crept up by ~2 MiB an epoch (926 -> 972 MiB
-  over 20 synthetic epochs); trimming once an epoch keeps it flat at no measurable cost."""
+  allocations do not always fit in them, so peak RSS crept up epoch by epoch; trimming once an
+  epoch keeps it flat (measured: docs/performance.md)."""
   if (trim := _libc_malloc_trim()) is not None:
     trim(0)
 

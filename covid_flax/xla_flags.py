@@ -1,6 +1,5 @@
-"""XLA:CPU flags measured to speed up this codebase's train steps (`scripts/benchmark.py`;
-docs/performance.md): YNNPACK's dot fusion, 2.6x the default on the study's CNN. They only touch the
-CPU backend. Each entry point sets them where the program starts, before JAX creates a backend (its
+"""XLA:CPU flags measured to speed up this codebase's train steps (`scripts/benchmark.py`; the
+numbers are in docs/performance.md): YNNPACK's dot fusion. They only touch the CPU backend. Each entry point sets them where the program starts, before JAX creates a backend (its
 first computation), never as a side effect of an import."""
 
 import os
