@@ -298,6 +298,37 @@ def _json_float(x: float) -> float | None:
   return None if x is None or math.isnan(x) else float(x)
 
 
+def _proportion_interval(
+  name: str,
+  rec: dict[str, Any],
+  cm: Mapping[str, int],
+  cell_of_image: Mapping[str, np.ndarray],
+  patient_of_image: np.ndarray,
+  proportion_ci: str,
+  confidence: float,
+) -> str | None:
+  """Adds Wilson's interval to the proportion `name`'s record, and makes it the interval where
+  `proportion_ci` says so, or where the proportion is all or none (the bootstrap interval then has
+  zero width: Wilson over the patients involved instead, each counted once). Returns a note for
+  the latter."""
+  hits, cells = (sum(cm[c] for c in s.split()) for s in _PROPORTION_CELLS[name])
+  wilson = [_json_float(x) for x in wilson_interval(hits, cells, confidence)]
+  rec.update(wilson_ci=wilson, successes=hits, trials=cells)
+  if proportion_ci == "wilson":
+    rec.update(ci_low=wilson[0], ci_high=wilson[1], ci_method="wilson")
+    return None
+  if not cells or hits not in (0, cells):
+    return None
+  in_cells = np.any([cell_of_image[c] for c in _PROPORTION_CELLS[name][1].split()], axis=0)
+  k = len(np.unique(patient_of_image[in_cells]))
+  low, high = wilson_interval(k if hits else 0, k, confidence)
+  rec.update(ci_low=_json_float(low), ci_high=_json_float(high), ci_method="wilson_patients")
+  return (
+    f"{name}: {hits} of {cells} images, so the patient bootstrap interval has zero width; "
+    f"the interval is Wilson's over the {k} patient{'s' * (k != 1)} involved."
+  )
+
+
 def evaluate_predictions(
   labels: Any,
   probs: Any,
@@ -337,22 +368,10 @@ def evaluate_predictions(
     rec = {"value": value, "ci_low": lo, "ci_high": hi, "ci_method": "patient_bootstrap"}
     rec.update(bootstrap_ci=[lo, hi], n_valid_resamples=b.n_valid)
     if name in PROPORTIONS:
-      hits, cells = (sum(cm[c] for c in s.split()) for s in _PROPORTION_CELLS[name])
-      wilson = [_json_float(x) for x in wilson_interval(hits, cells, confidence)]
-      rec.update(wilson_ci=wilson, successes=hits, trials=cells)
-      if proportion_ci == "wilson":
-        rec.update(ci_low=wilson[0], ci_high=wilson[1], ci_method="wilson")
-      elif cells and hits in (0, cells):
-        # All or none: every bootstrap resample gives the same value, a zero-width interval.
-        # Wilson over the patients involved instead (each patient counts once).
-        in_cells = np.any([cell_of_image[c] for c in _PROPORTION_CELLS[name][1].split()], axis=0)
-        k = len(np.unique(patient_of_image[in_cells]))
-        low, high = wilson_interval(k if hits else 0, k, confidence)
-        rec.update(ci_low=_json_float(low), ci_high=_json_float(high), ci_method="wilson_patients")
-        notes.append(
-          f"{name}: {hits} of {cells} images, so the patient bootstrap interval has zero width; "
-          f"the interval is Wilson's over the {k} patient{'s' * (k != 1)} involved."
-        )
+      note = _proportion_interval(
+        name, rec, cm, cell_of_image, patient_of_image, proportion_ci, confidence
+      )
+      notes += [note] if note else []
     problems = [f"undefined here ({_INFO[name][1]})"] if value is None else []
     if b.n_valid < n_resamples:
       problems.append(f"defined on {b.n_valid} of {n_resamples} resamples")
