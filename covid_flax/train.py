@@ -79,17 +79,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
   return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
-def train_step(
+def _step_inputs(
   state: TrainState,
   images: jax.Array,
   batch: dict[str, jax.Array],
-  *,
-  graphdef: nnx.GraphDef,
-  tx: optax.GradientTransformation,
   config: ml_collections.ConfigDict,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step, written for one device's share of the global batch. `images` is the
-  device-resident uint8 training set; `batch` holds indices into it and labels."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This device's augmented (and, where configured, mixed) normalised images, their targets
+  (labels, or label distributions after mixing) and its dropout key, all from the step's key."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, dropout_key, mix_key = jax.random.split(step_key, 3)
   local_batch = batch["index"].shape[0]
@@ -103,7 +100,28 @@ def train_step(
     images = augmented_batch(images, batch["index"], example_ids, aug_key, config)
     targets = batch["label"]
   images = normalize(images).astype(models.compute_dtype(config))
-  dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+  return images, targets, jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+
+
+def _ema_update(ema_params: nnx.State, params: nnx.State, step: jax.Array, decay: float):
+  """The moving average with the usual warm-up, so that early averages are not dominated by the
+  random initialisation."""
+  decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def train_step(
+  state: TrainState,
+  images: jax.Array,
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step, written for one device's share of the global batch. `images` is the
+  device-resident uint8 training set; `batch` holds indices into it and labels."""
+  images, targets, dropout_key = _step_inputs(state, images, batch, config)
 
   # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
   # Parameters enter as per-device (varying) values, so each device differentiates its own loss and
@@ -127,9 +145,7 @@ def train_step(
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grads_at)
   params = optax.apply_updates(state.params, updates)
-  # EMA with the usual warm-up: early averages are not dominated by the random initialisation.
-  decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  ema_params = _ema_update(state.ema_params, params, state.step, config.ema_decay)
   metrics = {
     "loss": loss,
     "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
