@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,24 +46,6 @@ class Run(NamedTuple):
   train_summary: dict[str, Any] | None
 
 
-def latest_eval_dir(workdir: str | Path, split: str) -> Path:
-  """`workdir/eval/<split>-<step>` with the highest step that has a metrics.json."""
-  eval_root = Path(workdir) / "eval"
-  pattern = re.compile(rf"{re.escape(split)}-(\d+)")
-  dirs = sorted(eval_root.iterdir()) if eval_root.is_dir() else []
-  found = [
-    (int(m.group(1)), d)
-    for d in dirs
-    if (m := pattern.fullmatch(d.name)) and (d / "metrics.json").is_file()
-  ]
-  if not found:
-    raise FileNotFoundError(
-      f"no evaluation results in {eval_root}: expected {eval_root}/{split}-<step>/metrics.json "
-      "(run the evaluation first, or pick another --split)"
-    )
-  return max(found)[1]
-
-
 def load_run(path: str | Path, split: str = "test", name: str | None = None) -> Run:
   """A workdir's latest evaluation of `split`, or the evaluation folder `path` itself."""
   path = Path(path)
@@ -72,7 +53,7 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None) -> 
     eval_dir, workdir = path, path.parent.parent if path.parent.name == "eval" else path
     name = name or f"{workdir.resolve().name}/{path.name}"
   else:
-    workdir, eval_dir = path, latest_eval_dir(path, split)
+    workdir, eval_dir = path, report.latest_eval_dir(path, split)
   with open(eval_dir / "metrics.json") as f:
     results = json.load(f)
   if not metrics_lib.threshold_records(results):

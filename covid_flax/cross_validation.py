@@ -82,7 +82,7 @@ def cross_validate(
   filenames = np.concatenate([d.filenames for d, _ in parts])
   attributes = {k: np.concatenate([d.attributes[k] for d, _ in parts]) for k in pool.attributes}
   aucs = [f["roc_auc"] for f in folds]
-  tag = f"cv-{checkpoint}" + ("-tta" if config.tta_hflip else "")
+  tag = checkpoint + ("-tta" if config.tta_hflip else "")
   results = {
     "target_sensitivity": None,
     "threshold_0.5": metrics.evaluate_predictions(
@@ -91,7 +91,7 @@ def cross_validate(
     "subgroups": subgroups.subgroup_results(
       labels, probs, patient_ids, attributes, 0.5, n_resamples, matched_sources
     ),
-    "split": tag,
+    "split": f"cv-{tag}",
     "dataset": config.dataset,
     "model": config.model,
     "cv": {
@@ -102,7 +102,7 @@ def cross_validate(
       "fold_roc_auc_std": float(np.std(aucs, ddof=1)),
     },
   }
-  out_dir = os.path.join(workdir, "eval", tag)
+  out_dir = report.eval_dir(workdir, "cv", tag)
   if jax.process_index() == 0:
     _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, config)
   return out_dir

@@ -135,7 +135,7 @@ def evaluate(
     data.labels, probs, data.patient_ids, data.attributes, point["threshold"], n_resamples,
     matched_sources,
   )  # fmt: skip
-  out_dir = os.path.join(run.workdir, "eval", f"{name}-{run.tag}")
+  out_dir = report.eval_dir(run.workdir, name, run.tag)
   which = f"step {run.step}" if isinstance(run, inference.Run) else f"{len(run.runs)}-run ensemble"
   title = f"{run.config.model} on {run.config.dataset} {name}, {which}"
   notes = []

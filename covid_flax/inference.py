@@ -15,7 +15,16 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from covid_flax import checkpointing, config_lib, input_pipeline, metrics, optim, parallel, train
+from covid_flax import (
+  checkpointing,
+  config_lib,
+  input_pipeline,
+  metrics,
+  optim,
+  parallel,
+  report,
+  train,
+)
 from covid_flax.datasets import common, image_io
 
 # Fields of the run's saved config that a `--config` given to evaluation may change: where the data
@@ -188,7 +197,7 @@ def _load_step(
 
 
 def operating_point_path(workdir: str, tag: str) -> epath.Path:
-  return epath.Path(workdir) / "eval" / f"operating_point-{tag}.json"
+  return epath.Path(report.eval_dir(workdir, "operating_point", tag) + ".json")
 
 
 def operating_point(run: Run | Ensemble) -> dict:

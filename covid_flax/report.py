@@ -6,7 +6,9 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -14,6 +16,35 @@ import numpy as np
 from covid_flax.metrics import METRIC_LABELS, METRICS, threshold_records
 
 PREDICTION_COLUMNS = ("filename", "patient_id", "label", "probability")
+
+
+# An evaluation's outputs live in `<workdir>/eval/<name>-<tag>/` (name: a split, "images-<dir>",
+# "cv"; tag: a step, "ensemble<k>-<hash>", "latest", with "-tta" for test-time flips). These two
+# functions are the one place that knows it; every reader and writer goes through them.
+EVAL_DIR = "eval"
+
+
+def eval_dir(workdir: str | os.PathLike, name: str, tag: str | int) -> str:
+  """Where the evaluation `name` of checkpoint (or ensemble, or cross-validation) `tag` goes."""
+  return os.path.join(workdir, EVAL_DIR, f"{name}-{tag}")
+
+
+def latest_eval_dir(workdir: str | os.PathLike, split: str) -> Path:
+  """`eval_dir(workdir, split, step)` with the highest step that has a metrics.json."""
+  eval_root = Path(workdir) / EVAL_DIR
+  pattern = re.compile(rf"{re.escape(split)}-(\d+)")
+  dirs = sorted(eval_root.iterdir()) if eval_root.is_dir() else []
+  found = [
+    (int(m.group(1)), d)
+    for d in dirs
+    if (m := pattern.fullmatch(d.name)) and (d / "metrics.json").is_file()
+  ]
+  if not found:
+    raise FileNotFoundError(
+      f"no evaluation results in {eval_root}: expected {eval_root}/{split}-<step>/metrics.json "
+      "(run the evaluation first, or pick another --split)"
+    )
+  return max(found)[1]
 
 
 def write_predictions(
