@@ -22,6 +22,7 @@ setuptools.setup(
     "numpy>=1.26",
     "pillow>=10.0",
     "scikit-learn>=1.7",  # brier_score_loss(labels=...)
+    "scipy>=1.11",  # ndimage: the CT lung crop
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",

@@ -50,7 +50,7 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None) -> 
   """A workdir's latest evaluation of `split`, or the evaluation folder `path` itself."""
   path = Path(path)
   if (path / "metrics.json").is_file():  # workdir/eval/<name>: its workdir is two levels up.
-    eval_dir, workdir = path, path.parent.parent if path.parent.name == "eval" else path
+    eval_dir, workdir = path, path.parent.parent if path.parent.name == report.EVAL_DIR else path
     name = name or f"{workdir.resolve().name}/{path.name}"
   else:
     workdir, eval_dir = path, report.latest_eval_dir(path, split)

@@ -180,6 +180,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "
       f"it must be 0..{config.cv_folds - 1}"
     )
+  if config.ct_crop and (config.center_crop < 1.0 or config.lung_mask):
+    raise ConfigError(
+      f"config.ct_crop=True crops to the lungs itself; config.center_crop={config.center_crop} "
+      f"and config.lung_mask={config.lung_mask} would be ignored: leave them at 1.0 and False"
+    )
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:

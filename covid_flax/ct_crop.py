@@ -124,7 +124,8 @@ def crop_to_lungs(image: np.ndarray, equalize: bool = False) -> np.ndarray:
   if body is None:
     body = np.ones(image.shape, bool)
   lungs = lungs_mask(image, body)
-  if equalize:  # The body's cumulative histogram onto 1..255; 0 stays the background's black.
+  if equalize:  # The body's cumulative histogram onto 1..255; 0 stays the background's black
+    # (PIL's ImageOps.equalize with a mask would send the body's darkest pixels to 0 as well).
     cdf = np.cumsum(np.bincount(image[body], minlength=256)).astype(np.float64)
     image = np.round(1 + 254 * cdf / cdf[-1]).astype(np.uint8)[image]
   image = np.where(body, image, 0).astype(np.uint8)

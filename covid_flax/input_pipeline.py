@@ -119,7 +119,7 @@ def resize(
   if ct_crop:
     image, equalize = ct_crop_lib.crop_to_lungs(image, equalize), False
   pil = Image.fromarray(image, mode="L")
-  if center_crop < 1.0 and not ct_crop:
+  if center_crop < 1.0:
     w, h = pil.size
     dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
     pil = pil.crop((dw, dh, w - dw, h - dh))

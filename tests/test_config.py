@@ -45,6 +45,16 @@ def test_bad_field_is_named(field, value, message):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("field, value", [("center_crop", 0.8), ("lung_mask", True)])
+def test_ct_crop_refuses_the_other_crops(field, value):
+  config = synthetic.get_config()
+  config.ct_crop = True
+  config_lib.validate(config)
+  config[field] = value
+  with pytest.raises(config_lib.ConfigError, match="config.ct_crop=True crops to the lungs itself"):
+    config_lib.validate(config)
+
+
 def test_unknown_field_is_named():
   config = synthetic.get_config()
   config.learning_rat = 0.1
