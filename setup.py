@@ -26,6 +26,7 @@ setuptools.setup(
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    "safetensors>=0.4",  # PyTorch weights (config.init_from)
     "openpyxl>=3.1",
   ],
   extras_require={
@@ -33,5 +34,6 @@ setuptools.setup(
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "bench": ["tensorflow-cpu>=2.16"],
+    "torch": ["torch>=2.1", "torchvision>=0.16"],  # convert_weights, scripts/make_torch_fixture.py
   },
 )

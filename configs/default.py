@@ -59,8 +59,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "seed_cnn"  # One of covid_flax.models.MODELS.
   config.dropout_rate = 0.25
   config.half_precision = False  # bfloat16 compute, float32 params.
-  # A `covid_flax.pretrain` workdir: start from its encoder (everything but the classifier head).
+  # Start from pretrained weights: a `covid_flax.pretrain` workdir (its encoder), or a safetensors
+  # file of torchvision/timm/torchxrayvision weights for resnet18/resnet50/densenet121/densenet169
+  # (every variable; the classifier head replaced). docs/transfer.md.
   config.init_from = ""
+  # The input convention of those weights: 'default' (ours, 1 channel), 'imagenet' (3-channel stem
+  # fed the grey image repeated, ImageNet mean/std) or 'xrv' (torchxrayvision: 1 channel, +-1024).
+  config.input_norm = "default"
+  # Fine-tuning: the backbone (all but the head) learns at backbone_lr_scale x the learning rate,
+  # and not at all for its first frozen_backbone_epochs; freeze_bn_stats normalises with the
+  # pretrained running statistics in training too (small batches estimate them badly).
+  config.backbone_lr_scale = 1.0
+  config.frozen_backbone_epochs = 0.0
+  config.freeze_bn_stats = False
 
   # Optimisation. `batch_size` is global (all devices of all processes).
   config.batch_size = 32

@@ -1,5 +1,6 @@
 """Config validation: every field is checked at start, and errors name the field and what is allowed."""
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -12,6 +13,8 @@ from covid_flax import errors
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
+INPUT_NORMS = ("default", "imagenet", "xrv")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop")
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
@@ -21,7 +24,8 @@ EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
 # the meaning of its step and data-iterator position (batch size, training split).
 INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "cv_folds", "cv_fold", "model",
-                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim")  # fmt: skip
+                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim",
+                       "input_norm")  # fmt: skip
 
 
 # Fields added after runs were already saved, with the values that reproduce those runs.
@@ -42,6 +46,10 @@ ADDED_FIELDS = {
   "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
+  "input_norm": "default",
+  "backbone_lr_scale": 1.0,
+  "frozen_backbone_epochs": 0.0,
+  "freeze_bn_stats": False,
 }
 
 
@@ -119,6 +127,10 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "dropout_rate": ((int, float), _range(0, 1)),
   "half_precision": (bool, _ANY),
   "init_from": (str, _ANY),
+  "input_norm": (str, _in(*INPUT_NORMS)),
+  "backbone_lr_scale": ((int, float), _range(0, 10)),
+  "frozen_backbone_epochs": ((int, float), _NON_NEGATIVE),
+  "freeze_bn_stats": (bool, _ANY),
   "batch_size": (int, _POSITIVE),
   "eval_batch_size": (int, _POSITIVE),
   "num_epochs": (int, _POSITIVE),
@@ -175,6 +187,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.model={config.model!r} is unknown; choose one of {sorted(models.MODELS)}"
     )
+  if (config.input_norm != "default" or config.freeze_bn_stats) and (
+    config.model not in models.TRANSFER_MODELS
+  ):
+    raise ConfigError(
+      f"config.input_norm={config.input_norm!r} and config.freeze_bn_stats="
+      f"{config.freeze_bn_stats} are for {list(models.TRANSFER_MODELS)}, not "
+      f"config.model={config.model!r}"
+    )
+  if config.init_from:
+    check_init_from(config.init_from)
   if config.cv_folds and config.cv_fold >= config.cv_folds:
     raise ConfigError(
       f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "
@@ -193,6 +215,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"use a multiple of {devices}"
       )
   validate_distributed(config)
+
+
+def check_init_from(path: str) -> None:
+  """config.init_from exists and is not a pickle (training never unpickles)."""
+  if not os.path.exists(path):
+    raise ConfigError(
+      f"config.init_from={path!r} does not exist: give a covid_flax.pretrain workdir or a "
+      "safetensors file of torchvision/timm weights (docs/transfer.md)"
+    )
+  if path.endswith(PICKLE_SUFFIXES):
+    raise ConfigError(
+      f"config.init_from={path!r} is a PyTorch pickle, which training never unpickles; convert it "
+      f"once: python -m covid_flax.convert_weights {path} OUT.safetensors (pip install -e "
+      "'.[torch]')"
+    )
 
 
 def validate_distributed(config: ml_collections.ConfigDict) -> None:
@@ -217,7 +254,18 @@ def incompatible_fields(saved: dict, config: ml_collections.ConfigDict) -> dict[
   for f in ("grad_clip_norm", "sam_rho"):  # Switching these on or off changes the optimizer state.
     if f in saved and (saved[f] > 0) != (config[f] > 0):
       diff[f] = (saved[f], config[f])
+  saved_groups = {f: saved.get(f, ADDED_FIELDS[f]) for f in _GROUP_FIELDS}
+  if has_param_groups(saved_groups) != has_param_groups(config):
+    diff.update({f: (saved_groups[f], config[f]) for f in _GROUP_FIELDS})
   return diff
+
+
+_GROUP_FIELDS = ("backbone_lr_scale", "frozen_backbone_epochs")
+
+
+def has_param_groups(config) -> bool:
+  """Whether the backbone and the head learn at different rates (another optimizer state)."""
+  return config["backbone_lr_scale"] != 1 or config["frozen_backbone_epochs"] > 0
 
 
 def with_added_fields(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ from covid_flax import (
   config_lib,
   input_pipeline,
   metrics,
+  models,
   optim,
   parallel,
   report,
@@ -192,7 +193,9 @@ def _load_step(
       f"model at image size {saved.image_size} (is it from another model, or damaged?): "
       f"{checkpointing.describe_error(e)}"
     ) from e
-  _, p_eval = train.make_parallel_steps(mesh, graphdef, optim.create_optimizer(saved, 1, 2), saved)
+  _, p_eval = train.make_parallel_steps(
+    mesh, graphdef, optim.create_optimizer(saved, 1, 2, models.head_modules(saved.model)), saved
+  )
   return Run(workdir, saved, step, graphdef, state, mesh, p_eval)
 
 

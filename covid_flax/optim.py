@@ -1,5 +1,7 @@
 """The optimizer and learning-rate schedule of a run (supervised training and SimCLR alike)."""
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -7,9 +9,13 @@ from covid_flax import config_lib
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  total_steps: int,
+  head_modules: tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
-  """config.optimizer with a warm-up then config.lr_schedule, clipping and SAM where configured."""
+  """config.optimizer with a warm-up then config.lr_schedule, clipping and SAM where configured;
+  with `head_modules` (a classifier's), the backbone's learning rate as configured."""
   warmup = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
   if config.lr_schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
@@ -27,6 +33,8 @@ def create_optimizer(
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum, nesterov=True),
     )
+  if config_lib.has_param_groups(config):
+    tx = optax.chain(tx, _scale_backbone(config, steps_per_epoch, head_modules))
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.sam_rho > 0:
@@ -35,6 +43,29 @@ def create_optimizer(
     ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
     tx = optax.contrib.sam(tx, ascent, opaque_mode=True)
   return optax.with_extra_args_support(tx)
+
+
+def _scale_backbone(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, head_modules: tuple[str, ...] | None
+) -> optax.GradientTransformation:
+  """Scales the updates of every parameter outside `head_modules` by config.backbone_lr_scale (0
+  for the first config.frozen_backbone_epochs). Both optimizers end by multiplying with the
+  learning rate, so this is the backbone's learning rate, weight decay included."""
+  if head_modules is None:
+    raise config_lib.ConfigError(
+      f"config.backbone_lr_scale={config.backbone_lr_scale} and config.frozen_backbone_epochs="
+      f"{config.frozen_backbone_epochs} are for fine-tuning a classifier (covid_flax.main); "
+      "leave them at 1.0 and 0 here"
+    )
+  frozen_steps = int(config.frozen_backbone_epochs * steps_per_epoch)
+
+  def factor(count):
+    return jnp.where(count < frozen_steps, 0.0, config.backbone_lr_scale)
+
+  def is_backbone(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: p[0].key not in head_modules, params)
+
+  return optax.masked(optax.scale_by_schedule(factor), is_backbone)
 
 
 def count_steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:

@@ -9,14 +9,14 @@ import numpy as np
 
 from covid_flax.parallel import DATA_AXIS
 
-_MEAN, _STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
 
 
 def normalize(images: jax.Array) -> jax.Array:
   """uint8 or [0, 1] float images -> zero-centred float32."""
   if images.dtype == jnp.uint8:
     images = images.astype(jnp.float32) / 255.0
-  return (images - _MEAN) / _STD
+  return (images - PIXEL_MEAN) / PIXEL_STD
 
 
 _BINOMIAL_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0  # numpy: no backend at import.

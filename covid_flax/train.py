@@ -31,6 +31,7 @@ from covid_flax import (
   optim,
   parallel,
   simclr,
+  torch_weights,
 )
 from covid_flax.metrics import compute_metrics
 from covid_flax.parallel import DATA_AXIS
@@ -63,11 +64,11 @@ def create_train_state(
 
 
 def init_from_pretrained(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
-  """`state` with its encoder taken from the `covid_flax.pretrain` run in `config.init_from`."""
-  params, model_state = simclr.load_encoder(
-    config.init_from, config, state.params, state.model_state
-  )
-  logging.info("Encoder initialised from the pretraining run in %s", config.init_from)
+  """`state` with its weights taken from `config.init_from`: the encoder of a `covid_flax.pretrain`
+  workdir, or every variable of a PyTorch checkpoint in safetensors (the head where it fits)."""
+  load = simclr.load_encoder if os.path.isdir(config.init_from) else torch_weights.load
+  params, model_state = load(config.init_from, config, state.params, state.model_state)
+  logging.info("Initialised from %s", config.init_from)
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                        model_state=model_state)  # fmt: skip
 
@@ -256,7 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     "held out and choose no 'best' checkpoint", config.eval_split, config.train_split)  # fmt: skip
   steps_per_epoch = optim.count_steps_per_epoch(config, len(train_data))
   total_steps = steps_per_epoch * config.num_epochs
-  tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(
+    config, steps_per_epoch, total_steps, models.head_modules(config.model)
+  )
   graphdef, state = create_train_state(config, tx)
   # Without a held-out split no best is tracked (Orbax would warn at every save that no metric
   # came), unless this workdir already holds one: tracking keeps it from being deleted.
@@ -310,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def abstract_train_state(config: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, shape/dtype/sharding tree) of a TrainState for `config`, for restoring in
   evaluation: the optimizer state has the same structure whatever the schedule's length."""
-  tx = optim.create_optimizer(config, 1, 2)
+  tx = optim.create_optimizer(config, 1, 2, models.head_modules(config.model))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config)))
   state = jax.eval_shape(lambda: create_train_state(config, tx)[1])
   sharding = parallel.replicated(mesh)

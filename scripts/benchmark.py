@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from covid_flax import input_pipeline, metric_writers, optim, parallel, train, xla_flags  # noqa: E402
+from covid_flax import input_pipeline, metric_writers, models, optim, parallel, train, xla_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/cxr.py", "Config to benchmark.")
@@ -73,7 +73,7 @@ def _windows(step_fn, n_windows: int, steps: int, batch: int):
 
 def benchmark_train_eval(config, reference=None) -> None:
   mesh = parallel.create_mesh()
-  tx = optim.create_optimizer(config, 100, 10_000)
+  tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
@@ -175,7 +175,7 @@ def benchmark_epochs(config, multipliers: list[int], epochs: int) -> None:
   split repeated k times, for each k: it should grow linearly with k."""
   base = input_pipeline.load_split(config, config.train_split)
   mesh = parallel.create_mesh()
-  tx = optim.create_optimizer(config, 100, 10_000)
+  tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))
   graphdef, _ = train.create_train_state(config, tx)
   p_train, _ = train.make_parallel_steps(mesh, graphdef, tx, config)
   for k in multipliers:

@@ -20,7 +20,14 @@ def test_max_pool_matches_nnx_values_and_gradients(window, stride, shape):
   np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(reference))(x), rtol=1e-6)
 
 
-_LARGE = ("resnet18", "resnet18_w16", "resnet18_w32", "resnet50")  # Seconds to compile each: slow.
+_LARGE = (
+  "resnet18",
+  "resnet18_w16",
+  "resnet18_w32",
+  "resnet50",
+  "densenet121",
+  "densenet169",
+)  # Seconds to compile each: slow.
 
 
 @pytest.mark.parametrize(
@@ -35,6 +42,20 @@ def test_every_model_maps_images_to_logits_and_features_to_head(name):
   np.testing.assert_allclose(model.head(model.features(x)), logits, rtol=1e-6)
   for attribute in model.HEAD_MODULES:
     assert hasattr(model, attribute), f"{name}.HEAD_MODULES names a missing {attribute!r}"
+
+
+@pytest.mark.parametrize(
+  "name,torchvision_count",  # sum(p.numel() for p in torchvision.models.<name>().parameters())
+  [("resnet18", 11_689_512), ("resnet50", 25_557_032), ("densenet121", 7_978_856),
+   ("densenet169", 14_149_480)],
+)  # fmt: skip
+def test_imagenet_shaped_models_have_torchvisions_parameter_count(name, torchvision_count):
+  model = nnx.eval_shape(
+    lambda: models.create_model(
+      name, image_size=224, num_classes=1000, input_norm="imagenet", rngs=nnx.Rngs(0)
+    )
+  )
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == torchvision_count
 
 
 @pytest.mark.slow

@@ -129,8 +129,12 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, synthetic_data_
 
 def test_init_from_errors_name_the_field(pretrained, synthetic_data_dir, tmp_path):
   tx = optim.create_optimizer(tiny_config(""), 10, 100)
-  missing = tiny_config(synthetic_data_dir, init_from=str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  empty = tiny_config(synthetic_data_dir, init_from=str(tmp_path / "empty"))
   with pytest.raises(config_lib.ConfigError, match="config.init_from=.*has no checkpoints"):
+    train.init_from_pretrained(train.create_train_state(empty, tx)[1], empty)
+  missing = tiny_config(synthetic_data_dir, init_from=str(tmp_path / "nope"))
+  with pytest.raises(config_lib.ConfigError, match="config.init_from=.*does not exist"):
     train.init_from_pretrained(train.create_train_state(missing, tx)[1], missing)
   other = tiny_config(synthetic_data_dir, init_from=pretrained, model="seed_cnn")
   with pytest.raises(config_lib.ConfigError, match="pretrained a 'tiny_cnn' encoder, but config"):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from covid_flax.models.densenet import DenseNet121, DenseNet169
 from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet18Quarter, ResNet50
 from covid_flax.models.seed_cnn import SeedCNN
 from covid_flax.models.tiny import TinyCNN
@@ -21,8 +22,21 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
   "resnet18_w32": ResNet18Narrow,
   "resnet18_w16": ResNet18Quarter,
   "resnet50": ResNet50,
+  "densenet121": DenseNet121,
+  "densenet169": DenseNet169,
   "tiny_cnn": TinyCNN,
 }
+
+# Models with torchvision counterparts: they load PyTorch weights (`covid_flax.torch_weights`) and
+# take config.input_norm and config.freeze_bn_stats.
+TRANSFER_MODELS = ("resnet18", "resnet18_w32", "resnet18_w16", "resnet50", "densenet121",
+                   "densenet169")  # fmt: skip
+
+
+def head_modules(name: str) -> tuple[str, ...]:
+  """The attributes of model `name` that only its classifier head uses."""
+  model = MODELS[name]
+  return getattr(model, "func", model).HEAD_MODULES
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
@@ -36,7 +50,10 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 
 def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """The classifier `config` describes (model, image size, dropout, precision)."""
+  """The classifier `config` describes (model, image size, dropout, precision, input norm)."""
+  transfer_kwargs = {}
+  if config.get("input_norm", "default") != "default" or config.get("freeze_bn_stats", False):
+    transfer_kwargs = dict(input_norm=config.input_norm, frozen_bn=config.freeze_bn_stats)
   return create_model(
     config.model,
     image_size=config.image_size,
@@ -44,4 +61,5 @@ def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
     dropout_rate=config.dropout_rate,
     dtype=compute_dtype(config),
     rngs=nnx.Rngs(seed),
+    **transfer_kwargs,
   )

@@ -1,5 +1,10 @@
-"""ResNet-18 and ResNet-50 (He et al. 2016) for 1-channel images, BatchNorm synchronised over the
-`data` mesh axis so that a data-parallel step equals the single-device step on the global batch."""
+"""ResNet-18 and ResNet-50 (He et al. 2016), BatchNorm synchronised over the `data` mesh axis so
+that a data-parallel step equals the single-device step on the global batch.
+
+Layer for layer torchvision's (v1.5: a bottleneck's stride on its 3x3 convolution; symmetric
+explicit padding, which Flax's 'SAME' is not on even sizes; BatchNorm epsilon 1e-5 and momentum 0.9,
+PyTorch's 0.1), so torchvision and timm weights load and compute PyTorch's function
+(`covid_flax.torch_weights`; `torch_name` gives each variable's name there)."""
 
 from functools import partial
 
@@ -7,9 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from covid_flax.models import inputs
+
 
 class _ConvBN(nnx.Module):
-  def __init__(self, cin, cout, kernel, strides, *, dtype, rngs, zero_scale=False):
+  def __init__(self, cin, cout, kernel, strides, *, dtype, rngs, zero_scale=False, frozen=False):
     pad = kernel // 2
     self.conv = nnx.Conv(
         cin, cout, (kernel, kernel), strides=strides, padding=[(pad, pad)] * 2, use_bias=False,
@@ -19,16 +26,17 @@ class _ConvBN(nnx.Module):
     self.bn = nnx.BatchNorm(
       cout, momentum=0.9, axis_name="data", scale_init=scale_init, dtype=dtype, rngs=rngs
     )
+    self.frozen = frozen  # Normalise with the running statistics in training too (fine-tuning).
 
   def __call__(self, x, train):
-    return self.bn(self.conv(x), use_running_average=not train)
+    return self.bn(self.conv(x), use_running_average=not train or self.frozen)
 
 
 class _Block(nnx.Module):
   """Basic (two 3x3) or bottleneck (1x1-3x3-1x1, 4x expansion) residual block."""
 
-  def __init__(self, cin, width, strides, bottleneck, *, dtype, rngs):
-    cbr = partial(_ConvBN, dtype=dtype, rngs=rngs)
+  def __init__(self, cin, width, strides, bottleneck, *, dtype, rngs, frozen_bn):
+    cbr = partial(_ConvBN, dtype=dtype, rngs=rngs, frozen=frozen_bn)
     cout = width * 4 if bottleneck else width
     if bottleneck:
       self.layers = nnx.List(
@@ -65,17 +73,25 @@ class ResNet(nnx.Module):
     num_classes: int = 2,
     dropout_rate: float = 0.0,
     width: int = 64,
+    input_norm: str = "default",
+    frozen_bn: bool = False,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
     del image_size  # Global average pooling: any size works.
-    self.stem = _ConvBN(1, width, 7, 2, dtype=dtype, rngs=rngs)
-    blocks, cin = [], width
+    self.input_norm = input_norm
+    self.stem = _ConvBN(
+      inputs.CHANNELS[input_norm], width, 7, 2, dtype=dtype, rngs=rngs, frozen=frozen_bn
+    )
+    blocks, cin, self.block_names = [], width, []
     for stage, num_blocks in enumerate(stage_sizes):
       for b in range(num_blocks):
         strides = 2 if (stage > 0 and b == 0) else 1
-        block = _Block(cin, width * 2**stage, strides, bottleneck, dtype=dtype, rngs=rngs)
+        block = _Block(
+          cin, width * 2**stage, strides, bottleneck, dtype=dtype, rngs=rngs, frozen_bn=frozen_bn
+        )
         blocks.append(block)
+        self.block_names.append(f"layer{stage + 1}.{b}")
         cin = block.cout
     self.blocks = nnx.List(blocks)
     self.dropout = nnx.Dropout(dropout_rate)
@@ -83,7 +99,7 @@ class ResNet(nnx.Module):
 
   def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
     """The last stage's activations: the Grad-CAM layer."""
-    x = nnx.relu(self.stem(x, train))
+    x = nnx.relu(self.stem(inputs.adapt(x, self.input_norm), train))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(x, train)
@@ -95,6 +111,17 @@ class ResNet(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
     return self.head(self.features(x, train=train, rngs=rngs), train=train, rngs=rngs)
+
+  def torch_name(self, path: tuple) -> str:
+    """torchvision's name of the module at `path` (our state path without the variable name)."""
+    if path[0] == "out":
+      return "fc"
+    if path[0] == "stem":
+      return {"conv": "conv1", "bn": "bn1"}[path[1]]
+    block, part = self.block_names[path[1]], path[2]  # ('blocks', i, 'layers'|'shortcut', ...)
+    if part == "shortcut":
+      return f"{block}.downsample.{0 if path[3] == 'conv' else 1}"
+    return f"{block}.{path[4]}{path[3] + 1}"  # ('blocks', i, 'layers', j, 'conv'|'bn')
 
 
 ResNet18 = partial(ResNet, (2, 2, 2, 2), False)
