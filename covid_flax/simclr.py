@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -84,8 +85,10 @@ def load_encoder(
   latest checkpoint of a `covid_flax.pretrain` run in `pretrain_workdir`; the head stays fresh."""
   where = f"config.init_from={pretrain_workdir!r}"
   if not checkpointing.checkpoint_dir(pretrain_workdir).is_dir():
+    weights = sorted(p.name for p in epath.Path(pretrain_workdir).glob("*.safetensors"))
+    hint = f" or one of its weights files {weights}" if weights else ""
     raise config_lib.ConfigError(
-      f"{where} has no checkpoints; give the --workdir of a python -m covid_flax.pretrain run"
+      f"{where} has no checkpoints; give the --workdir of a python -m covid_flax.pretrain run{hint}"
     )
   saved = checkpointing.load_saved_config(pretrain_workdir)
   if saved.get("model") != config.model:

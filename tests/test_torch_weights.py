@@ -248,3 +248,13 @@ def test_fine_tuning_from_torch_weights_freezes_then_resumes_bit_identically(
   step, got = _final_params(resumed)
   assert step == final_step
   _assert_identical(expected, got)
+
+
+def test_a_downloaded_folder_names_the_weights_file_to_give(tmp_path):
+  from covid_flax import train
+
+  (tmp_path / "model.safetensors").write_bytes(b"")  # A Hugging Face snapshot folder.
+  config = tiny_config("", init_from=str(tmp_path))
+  _, state = train.create_train_state(config, optim.create_optimizer(config, 10, 100))
+  with pytest.raises(config_lib.ConfigError, match=r"weights files \['model.safetensors'\]"):
+    train.init_from_pretrained(state, config)
