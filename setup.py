@@ -27,6 +27,8 @@ setuptools.setup(
     "tensorboardX>=2.6",
     "tqdm>=4.66",
     "safetensors>=0.4",  # PyTorch weights (config.init_from)
+    "pydicom>=3.0",
+    "python-gdcm>=3.0.22",  # pydicom's decoder for compressed DICOM (JPEG lossless, JPEG-LS, J2K)
     "openpyxl>=3.1",
   ],
   extras_require={

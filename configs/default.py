@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   # body never reach the model; `equalize` then equalises over the body's pixels only. Replaces
   # center_crop. For CT, not for CXR.
   config.ct_crop = False
+  # CT DICOMs (at evaluation and prediction) are mapped to 8 bits with this window in Hounsfield
+  # units, a lung window; radiograph DICOMs use their own VOI LUT or window (datasets/image_io.py).
+  config.ct_window_center = -600.0
+  config.ct_window_width = 1500.0
 
   # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
   # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is

@@ -16,7 +16,8 @@ NAN_POLICIES = ("stop", "skip")
 INPUT_NORMS = ("default", "imagenet", "xrv")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
-DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop")
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop",
+               "ct_window_center", "ct_window_width")  # fmt: skip
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
 # agree: a member trained on another's validation data would leak into the threshold).
 EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
@@ -50,6 +51,8 @@ ADDED_FIELDS = {
   "backbone_lr_scale": 1.0,
   "frozen_backbone_epochs": 0.0,
   "freeze_bn_stats": False,
+  "ct_window_center": -600.0,
+  "ct_window_width": 1500.0,
 }
 
 
@@ -111,6 +114,8 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "equalize": (bool, _ANY),
   "lung_mask": (bool, _ANY),
   "ct_crop": (bool, _ANY),
+  "ct_window_center": ((int, float), _range(-2000, 4000)),
+  "ct_window_width": ((int, float), _range(1, 10000)),
   "augment": (bool, _ANY),
   "aug_rotate": ((int, float), _range(0, 180)),
   "aug_zoom": ((int, float), _range(0, 0.9)),

@@ -246,7 +246,8 @@ def load_usable_images(
   usable, failures = [], {}
   for i, path in enumerate(paths):
     try:
-      image = np.asarray(image_io.load_grayscale(path))
+      window = (config.ct_window_center, config.ct_window_width)
+      image = np.asarray(image_io.load_grayscale(path, ct_window=window))
     except (common.DatasetError, OSError) as e:
       failures[path] = str(e)
       continue

@@ -14,6 +14,9 @@ Used by the real-data builders and for evaluating arbitrary image files. The rul
   what a plain `convert('L')` does); 32-bit integer ('I') and float ('F') images are stretched
   from their own min..max to 0..255 (a constant image becomes all zeros).
 
+DICOM files (recognised by content: 'DICM' at byte 128) are read with pydicom (compressed
+transfer syntaxes decoded by python-gdcm; see `_dicom_to_grayscale`).
+
 Every failure raises `DatasetError` naming the file.
 """
 
@@ -33,6 +36,11 @@ from covid_flax.errors import DatasetError
 # or CT slice (the largest here are ~4 MP) but well below what would exhaust memory.
 MAX_PIXELS = 100_000_000
 
+# The window (centre, width, in Hounsfield units) that maps CT DICOMs to 8 bits: a lung window
+# (config.ct_window_center / ct_window_width at evaluation and prediction).
+CT_LUNG_WINDOW = (-600.0, 1500.0)
+# Radiographs without a VOI LUT or window: these percentiles of their values map to black and white.
+_ROBUST_PERCENTILES = (0.5, 99.5)
 _TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _EXIF_ORIENTATION = 0x0112
 
@@ -64,11 +72,110 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
   return image.convert("L")
 
 
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+  """DICOM's LINEAR window (PS3.3 C.11.2.1.2.1) onto [0, 1]."""
+  return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _dicom_to_grayscale(ds, name, ct_window: tuple[float, float]) -> Image.Image:
+  """A single-frame DICOM image as 8 bits: stored values -> modality LUT (RescaleSlope/Intercept:
+  Hounsfield units for CT) -> for CT `ct_window`; for other images the file's VOI LUT or
+  WindowCenter/WindowWidth, else a robust percentile window -> [0, 255], inverted for MONOCHROME1.
+  12/16-bit data is windowed, never truncated. Colour images (RGB, YBR, palette) -> luma."""
+  from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+  try:
+    stored = ds.pixel_array
+  except (RuntimeError, NotImplementedError, ValueError) as e:
+    syntax = ds.file_meta.get("TransferSyntaxUID", None)
+    why = "; ".join(line.strip() for line in str(e).splitlines()[-2:])
+    if syntax is None or not syntax.is_compressed:
+      raise DatasetError(f"{name}: corrupt or truncated DICOM pixel data ({why})") from e
+    raise DatasetError(
+      f"{name}: its pixel data ({syntax.name}, transfer syntax {syntax}) could not be decoded "
+      f"({why}). python-gdcm (installed) decodes most compressed syntaxes; 12-bit JPEG Extended "
+      "and some others need pylibjpeg with pylibjpeg-libjpeg (GPL-3.0): pip install pylibjpeg "
+      "pylibjpeg-libjpeg"
+    ) from e
+  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+  if not photometric.startswith("MONOCHROME"):
+    rgb = apply_color_lut(stored, ds) if photometric == "PALETTE COLOR" else stored
+    peak = float(2 ** int(ds.get("BitsStored", 8)) - 1) if rgb.dtype != np.uint8 else 255.0
+    rgb = np.clip(rgb.astype(np.float64) * (255.0 / peak), 0, 255)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return Image.fromarray(np.rint(luma).astype(np.uint8), mode="L")
+  modality = apply_modality_lut(stored, ds)  # Integers unless rescaled.
+  values = modality.astype(np.float64)
+  if str(ds.get("Modality", "")) == "CT":
+    unit = _window(values, *ct_window)
+  elif "VOILUTSequence" in ds:
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    indices = np.rint(modality).astype(np.int64)  # A LUT is indexed by integers.
+    unit = np.clip(apply_voi_lut(indices, ds, prefer_lut=True) / float(2**bits - 1), 0.0, 1.0)
+  elif "WindowCenter" in ds and "WindowWidth" in ds:
+    first = lambda v: float(v[0] if getattr(v, "VM", 1) > 1 else v)  # noqa: E731
+    unit = _window(values, first(ds.WindowCenter), first(ds.WindowWidth))
+  else:
+    lo, hi = np.percentile(values, _ROBUST_PERCENTILES)
+    unit = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
+  if photometric == "MONOCHROME1":  # Stored with black as the highest value.
+    unit = 1.0 - unit
+  return Image.fromarray(np.rint(unit * 255.0).astype(np.uint8), mode="L")
+
+
+def _open_dicom(
+  fileobj: BinaryIO, name, max_pixels: int, ct_window: tuple[float, float], force: bool = False
+) -> Image.Image:
+  """A DICOM file as 8-bit grey; `force`: a file without the 'DICM' preamble, accepted only if
+  it reads as a dataset with pixel data (anything else is not an image)."""
+  import pydicom
+  from pydicom.errors import InvalidDicomError
+
+  try:
+    ds = pydicom.dcmread(fileobj, force=force)
+    if force and "PixelData" not in ds:
+      raise InvalidDicomError("no DICOM preamble and no pixel data")
+  except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
+    if force:
+      raise DatasetError(f"{name}: not an image file Pillow or pydicom can read") from e
+    raise DatasetError(f"{name}: not a readable DICOM file: {e}") from e
+  if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    kind = getattr(ds.get("SOPClassUID", None), "name", "unknown SOP class")
+    raise DatasetError(f"{name}: a DICOM file without pixel data ({kind})")
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  if frames > 1:
+    raise DatasetError(
+      f"{name}: a multi-frame DICOM ({frames} frames) where one image is expected; export the "
+      "frame or slice you mean as a file of its own"
+    )
+  rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+  if rows * columns > max_pixels:
+    raise DatasetError(f"{name}: {columns}x{rows} pixels is over the limit of {max_pixels}")
+  try:
+    return _dicom_to_grayscale(ds, name, ct_window)
+  except DatasetError:
+    raise
+  except (AttributeError, KeyError, ValueError, TypeError, IndexError) as e:
+    raise DatasetError(f"{name}: a DICOM file whose pixel data is unusable: {e}") from e
+
+
+def _is_dicom(fileobj: BinaryIO) -> bool:
+  start = fileobj.tell()
+  head = fileobj.read(132)
+  fileobj.seek(start)
+  return head[128:132] == b"DICM"
+
+
 def open_grayscale(
-  fileobj: BinaryIO, name: str | os.PathLike, max_pixels: int | None = None
+  fileobj: BinaryIO,
+  name: str | os.PathLike,
+  max_pixels: int | None = None,
+  ct_window: tuple[float, float] = CT_LUNG_WINDOW,
 ) -> Image.Image:
   """Like `load_grayscale` but reads from an open binary file; `name` is used in errors."""
   max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+  if _is_dicom(fileobj):
+    return _open_dicom(fileobj, name, max_pixels, ct_window)
   if ImageFile.LOAD_TRUNCATED_IMAGES:
     raise DatasetError(
       f"{name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set, so truncated images would load "
@@ -97,18 +204,24 @@ def open_grayscale(
     raise
   except Image.DecompressionBombError as e:
     raise DatasetError(f"{name}: possible decompression bomb: {e}") from e
-  except UnidentifiedImageError as e:
-    raise DatasetError(f"{name}: not an image file Pillow can read") from e
+  except UnidentifiedImageError:
+    fileobj.seek(0)  # A DICOM file without its 128-byte preamble and 'DICM'?
+    return _open_dicom(fileobj, name, max_pixels, ct_window, force=True)
   except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
     raise DatasetError(f"{name}: corrupt or truncated image: {e}") from e
 
 
-def load_grayscale(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+def load_grayscale(
+  path: str | os.PathLike,
+  max_pixels: int | None = None,
+  ct_window: tuple[float, float] = CT_LUNG_WINDOW,
+) -> Image.Image:
   """Loads any image file as an 8-bit grayscale PIL image (mode 'L', original size).
 
   Args:
-    path: the image file; its format is detected from its content.
+    path: the image file (any Pillow format, or DICOM); its format is detected from its content.
     max_pixels: refuse images with more pixels (default: `MAX_PIXELS`, read at call time).
+    ct_window: (centre, width) in Hounsfield units for CT DICOMs.
 
   Raises:
     DatasetError: naming `path`, for a missing, non-image, corrupt, truncated or oversized file.
@@ -116,7 +229,7 @@ def load_grayscale(path: str | os.PathLike, max_pixels: int | None = None) -> Im
   path = Path(path)
   try:
     with open(path, "rb") as f:
-      return open_grayscale(f, path, max_pixels)
+      return open_grayscale(f, path, max_pixels, ct_window)
   except FileNotFoundError as e:
     raise DatasetError(f"{path}: file not found") from e
   except IsADirectoryError as e:
