@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,17 @@ def data_mesh(n: int):
 
   return jax.sharding.Mesh(np.array(jax.devices()[:n]), (parallel.DATA_AXIS,),
                            axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip
+
+
+def kill_when_saved(cmd: list[str], checkpoint: Path, env: dict) -> None:
+  """Runs `cmd` (from the repository root) and kills it with SIGKILL as soon as `checkpoint`
+  exists: a crash right after a save, before the run could end."""
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # fmt: skip
+  deadline = time.time() + 300
+  while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  assert checkpoint.exists(), "killed before the checkpoint: the rerun would not resume"

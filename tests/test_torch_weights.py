@@ -3,10 +3,8 @@ committed fixture of torchvision's outputs), mismatching checkpoints are refused
 and fine-tuning from a converted checkpoint trains, freezes and resumes like any run."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import torch_fixture
 from flax import nnx
-from helpers import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, kill_when_saved, tiny_config
 from safetensors.numpy import save_file
 
 from covid_flax import config_lib, models, optim, preprocess, torch_weights
@@ -235,15 +233,7 @@ def test_fine_tuning_from_torch_weights_freezes_then_resumes_bit_identically(
 
   resumed = tmp_path / "resumed"
   cmd = _fine_tune_cmd(resumed, synthetic_data_dir, weights)
-  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)  # fmt: skip
-  first = resumed / "checkpoints" / str(epoch)
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL and first.exists()
+  kill_when_saved(cmd, resumed / "checkpoints" / str(epoch), env)
   subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True)
   step, got = _final_params(resumed)
   assert step == final_step

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import REPO_ROOT, fill_disk, tiny_config
+from helpers import REPO_ROOT, fill_disk, kill_when_saved, tiny_config
 
 from covid_flax import checkpointing, config_lib, loop, metric_writers, optim, plots, train
 
@@ -125,16 +125,9 @@ def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path)
   steps_per_epoch = final_step // 3
 
   resumed = tmp_path / "resumed"
-  proc = subprocess.Popen(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-  first = resumed / "checkpoints" / str(steps_per_epoch)
-  deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-  assert first.exists(), "killed before the first checkpoint: the rerun would not resume"
+  kill_when_saved(
+    _main_cmd(resumed, synthetic_data_dir), resumed / "checkpoints" / str(steps_per_epoch), env
+  )
   assert not (resumed / "checkpoints" / str(final_step)).exists()
   subprocess.run(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
                  capture_output=True)  # fmt: skip
