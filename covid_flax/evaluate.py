@@ -43,7 +43,11 @@ flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("checkpoint", "best", "'best' (by val AUC), 'latest' or a step number.")
 flags.DEFINE_string("split", "test", "The dataset split to evaluate.")
 flags.DEFINE_string(
-  "images_dir", None, "Evaluate this folder (with labels.csv) instead of a split."
+  "images_dir",
+  None,
+  "Evaluate this folder (with labels.csv: relpath,label[,patient_id][,source]...) instead of a "
+  "split. Labels, case-insensitive: covid, covid-19, positive, 1 / non_covid, normal, negative, "
+  "pneumonia, 0.",
 )
 flags.DEFINE_string(
   "labels",

@@ -272,14 +272,26 @@ def unusable_listing(failures: dict[str, str]) -> str:
   return f"{len(failures)} images cannot be used:\n  " + "\n  ".join(lines)
 
 
+# The label names people write in a labels.csv (case-insensitive): COVIDx's 'positive'/'negative'
+# and 3-way 'normal'/'pneumonia'/'COVID-19', and 0/1.
+LABEL_SYNONYMS = {
+  **{name: 1 for name in ("covid", "covid-19", "covid19", "positive", "1")},
+  **{
+    name: 0
+    for name in ("non_covid", "non-covid", "noncovid", "normal", "negative", "pneumonia", "0")
+  },  # fmt: skip
+}
+
+
 def _parse_label(value: str, where: str) -> int:
-  names = {n: i for i, n in enumerate(common.LABEL_NAMES)}
   key = value.strip().lower()
-  if key in names:
-    return names[key]
-  if key in ("0", "1"):
-    return int(key)
-  raise common.DatasetError(f"{where}: unknown label {value!r}; use one of {list(names)} or 0/1")
+  if key in LABEL_SYNONYMS:
+    return LABEL_SYNONYMS[key]
+  covid = [n for n, v in LABEL_SYNONYMS.items() if v == 1]
+  other = [n for n, v in LABEL_SYNONYMS.items() if v == 0]
+  raise common.DatasetError(
+    f"{where}: unknown label {value!r}; COVID-19 is one of {covid}, not COVID-19 one of {other}"
+  )
 
 
 def load_images_dir(
