@@ -200,8 +200,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"{config.freeze_bn_stats} are for {list(models.TRANSFER_MODELS)}, not "
       f"config.model={config.model!r}"
     )
-  if config.init_from:
-    check_init_from(config.init_from)
   if config.cv_folds and config.cv_fold >= config.cv_folds:
     raise ConfigError(
       f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "

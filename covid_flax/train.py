@@ -242,6 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains `config` in `workdir`, resuming from its latest usable checkpoint; returns the state."""
   config_lib.validate(config)
   checkpointing.check_workdir_compatible(workdir, config)
+  fresh_start = not any(p.name.isdigit() for p in checkpointing.checkpoint_dir(workdir).glob("*"))
+  if config.init_from and fresh_start:  # Before the data is read; a resume does not need it.
+    config_lib.check_init_from(config.init_from)
   is_chief = jax.process_index() == 0
   if is_chief:  # For people: the checkpoints hold the config that resuming and evaluation read.
     os.makedirs(workdir, exist_ok=True)

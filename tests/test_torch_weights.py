@@ -234,6 +234,7 @@ def test_fine_tuning_from_torch_weights_freezes_then_resumes_bit_identically(
   resumed = tmp_path / "resumed"
   cmd = _fine_tune_cmd(resumed, synthetic_data_dir, weights)
   kill_when_saved(cmd, resumed / "checkpoints" / str(epoch), env)
+  os.remove(weights)  # Resuming needs only the checkpoint.
   subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True)
   step, got = _final_params(resumed)
   assert step == final_step
