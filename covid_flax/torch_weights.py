@@ -93,6 +93,7 @@ def load(
   """`params` and `model_state` of a fresh `config.model` with every variable taken from the
   PyTorch state dict in the safetensors file `path` (the head only where its shape is ours)."""
   where = f"config.init_from={path!r}"
+  config_lib.check_init_from(path)
   model = nnx.eval_shape(lambda: models.from_config(config))
   if not hasattr(model, "torch_name"):
     raise config_lib.ConfigError(
