@@ -244,9 +244,9 @@ def load_usable_images(
   size = config.image_size
   out = np.empty((len(paths), size, size, 1), np.uint8)
   usable, failures = [], {}
+  window = (config.ct_window_center, config.ct_window_width)
   for i, path in enumerate(paths):
     try:
-      window = (config.ct_window_center, config.ct_window_width)
       image = np.asarray(image_io.load_grayscale(path, ct_window=window))
     except (common.DatasetError, OSError) as e:
       failures[path] = str(e)

@@ -103,7 +103,8 @@ def load(
   state_dict = canonical_names(read_safetensors(path))
   layout = torch_layout(model)
   head = {name for name, (p, _) in layout.items() if p[0] in model.HEAD_MODULES}
-  ckpt_head = {n for n in state_dict if n.split(".")[0] in {n.split(".")[0] for n in head}}
+  head_prefixes = {name.split(".")[0] for name in head}  # 'fc', 'classifier'
+  ckpt_head = {name for name in state_dict if name.split(".")[0] in head_prefixes}
   missing = sorted(set(layout) - set(state_dict) - head)
   extra = sorted(set(state_dict) - set(layout) - ckpt_head)
   misshaped = sorted(

@@ -61,6 +61,13 @@ def test_a_radiograph_window_and_monochrome1_inversion(tmp_path):
   np.testing.assert_array_equal(mono1, np.rint((1 - expected) * 255).astype(np.uint8))
 
 
+def test_the_files_voi_lut_function_is_honoured(tmp_path):
+  sigmoid = _write(tmp_path / "a.dcm", _RAMP, WindowCenter=2000, WindowWidth=1000,
+                   VOILUTFunction="SIGMOID")  # fmt: skip
+  expected = 1.0 / (1.0 + np.exp(-4.0 * (_RAMP - 2000.0) / 1000.0))
+  np.testing.assert_allclose(_load(sigmoid), expected * 255, atol=1.0)
+
+
 def test_rescale_slope_and_intercept_come_before_the_window(tmp_path):
   rescaled = _write(tmp_path / "a.dcm", _RAMP, RescaleSlope=2, RescaleIntercept=-1000,
                     WindowCenter=2000, WindowWidth=1000)  # fmt: skip

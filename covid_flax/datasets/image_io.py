@@ -73,7 +73,8 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
 
 
 def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-  """DICOM's LINEAR window (PS3.3 C.11.2.1.2.1) onto [0, 1]."""
+  """DICOM's LINEAR window (PS3.3 C.11.2.1.2.1) onto [0, 1]: the CT window of the config, which
+  replaces whatever window the file suggests."""
   return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
 
 
@@ -108,13 +109,15 @@ def _dicom_to_grayscale(ds, name, ct_window: tuple[float, float]) -> Image.Image
   values = modality.astype(np.float64)
   if str(ds.get("Modality", "")) == "CT":
     unit = _window(values, *ct_window)
-  elif "VOILUTSequence" in ds:
-    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    indices = np.rint(modality).astype(np.int64)  # A LUT is indexed by integers.
-    unit = np.clip(apply_voi_lut(indices, ds, prefer_lut=True) / float(2**bits - 1), 0.0, 1.0)
-  elif "WindowCenter" in ds and "WindowWidth" in ds:
-    first = lambda v: float(v[0] if getattr(v, "VM", 1) > 1 else v)  # noqa: E731
-    unit = _window(values, first(ds.WindowCenter), first(ds.WindowWidth))
+  elif "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+    # pydicom applies the file's VOI LUT, or its window with its VOILUTFunction (LINEAR,
+    # LINEAR_EXACT, SIGMOID); the output range is where values far below and above it land.
+    lut = "VOILUTSequence" in ds
+    x = np.rint(modality).astype(np.int64) if lut else values  # A LUT is indexed by integers.
+    ends = np.array([np.iinfo(np.int32).min, np.iinfo(np.int32).max])  # Wider overflows a LUT.
+    with np.errstate(over="ignore"):  # exp() of a SIGMOID window at the ends: 0 and 1.
+      lo, hi = apply_voi_lut(ends, ds).astype(np.float64)
+    unit = np.clip((apply_voi_lut(x, ds) - lo) / (hi - lo), 0.0, 1.0)
   else:
     lo, hi = np.percentile(values, _ROBUST_PERCENTILES)
     unit = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)

@@ -27,16 +27,20 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
   "tiny_cnn": TinyCNN,
 }
 
-# Models with torchvision counterparts: they load PyTorch weights (`covid_flax.torch_weights`) and
-# take config.input_norm and config.freeze_bn_stats.
-TRANSFER_MODELS = ("resnet18", "resnet18_w32", "resnet18_w16", "resnet50", "densenet121",
-                   "densenet169")  # fmt: skip
+
+def _model_class(name: str) -> type[nnx.Module]:
+  model = MODELS[name]
+  return getattr(model, "func", model)  # The class behind a functools.partial.
+
+
+# Models with torchvision counterparts (a `torch_name` method): they load PyTorch weights
+# (`covid_flax.torch_weights`) and take config.input_norm and config.freeze_bn_stats.
+TRANSFER_MODELS = tuple(n for n in MODELS if hasattr(_model_class(n), "torch_name"))
 
 
 def head_modules(name: str) -> tuple[str, ...]:
   """The attributes of model `name` that only its classifier head uses."""
-  model = MODELS[name]
-  return getattr(model, "func", model).HEAD_MODULES
+  return _model_class(name).HEAD_MODULES
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
