@@ -63,7 +63,7 @@ def assert_nothing_prepared(data_dir: Path, dataset: str, config: str | None = N
   """No prepared (or half-prepared) copy of `dataset` in data_dir, and TFDS agrees."""
   import tensorflow_datasets as tfds
 
-  assert not list(data_dir.glob(f"{dataset}/{config or '*'}/1.0.0"))
+  assert not list(data_dir.glob(f"{dataset}/{config or '*'}/*.*.*"))
   assert not list(data_dir.glob(f"{dataset}/*/incomplete*"))
   name = f"{dataset}/{config}" if config else dataset
   assert not tfds.builder(name, data_dir=data_dir).is_prepared()

@@ -177,8 +177,13 @@ def test_features(built_keep):
     assert int(example["label"]) == (folder == "CT_COVID")
   assert by_name["CT_COVID/a-p1-1.png"]["image"].shape == (48, 64, 1)  # Original size.
   assert by_name["CT_COVID/kjr-dup.png"]["image"].shape == (60, 80, 1)
-  assert by_name["CT_COVID/2020.01.24.919183-p27-1.png"]["source"].decode() == "10.1000/1"
-  assert by_name["CT_NonCOVID/0.jpg"]["source"].decode() == ""
+  covid = by_name["CT_COVID/2020.01.24.919183-p27-1.png"]
+  assert (covid["source"].decode(), covid["doi"].decode()) == ("paper", "10.1000/1")
+  noncovid = by_name["CT_NonCOVID/0.jpg"]
+  assert (noncovid["source"].decode(), noncovid["doi"].decode()) == ("crawled", "")
+  assert by_name["CT_NonCOVID/10.png"]["source"].decode() == "medpix"
+  sources = {e["source"].decode() for e in by_name.values()}
+  assert sources == {"paper", "crawled", "medpix"}
   # 16-bit is scaled (x*257 -> x), not clipped to 255.
   expected = np.asarray(smooth_image(_seed("b-p3.png")))
   np.testing.assert_array_equal(by_name["CT_COVID/b-p3.png"]["image"][..., 0], expected)

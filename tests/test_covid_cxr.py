@@ -392,7 +392,8 @@ def test_audit_pairs_and_exclusions():
     _record("c", "test", "covid", "p3", base.copy()),  # Exact duplicate of 'a'.
     _record("d", "val", "covid", "p4", smooth_image(2)),
   ] + [_record(f"n{i}", "train", "covid", f"q{i}", smooth_image(10 + i)) for i in range(30)]
-  pairs = audit.find_duplicate_pairs(records)
+  pairs, not_listed = audit.find_duplicate_pairs(records)
+  assert not_listed == 0
   found = {(p["a"]["key"], p["b"]["key"]): p["kind"] for p in pairs}
   assert found == {("a", "b"): "near", ("a", "c"): "exact", ("b", "c"): "near"}
   assert set(audit.test_exclusions(pairs)) == {"b", "c"}

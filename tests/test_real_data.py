@@ -3,6 +3,7 @@
 Prepares covid_ct (both configs) and covid_cxr into a temporary data_dir (about 30 s on 2 cores).
 """
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_covid_ct_keep_duplicates_is_exactly_the_official_split(ct_keep, data_di
   meta = _metadata("covid_ct/keep_duplicates", data_dir)
   assert _counts(meta) == OFFICIAL_CT
   _assert_patient_wise(meta)
+  sources = tfds.data_source("covid_ct/keep_duplicates", data_dir=data_dir, download=False)
+  by_source = collections.Counter(
+    (int(e["label"]), e["source"].decode()) for s in sources.values() for e in s
+  )
+  assert by_source == {(1, "paper"): 349, (0, "crawled"): 202, (0, "medpix"): 195}
 
 
 def test_audit_flags_the_two_known_ct_duplicates(ct_keep, ct_default, data_dir):

@@ -20,11 +20,14 @@ Rules:
     in the report (`build.unlisted_files`).
   * Patient ids: COVID from the xlsx `Patient ID` (trailing spaces stripped), matched on the file
     name with or without its image extension; NonCOVID from the csv `patient id`. A listed image
-    without a patient id is an error. `source` is the paper DOI where the xlsx has one, else ''.
+    without a patient id is an error.
+  * `source` (where the image came from, the confound the evaluation reports by): 'paper' for every
+    COVID slice (figures of preprints and papers; their DOI, where the xlsx has one, is `doi`),
+    'medpix' or 'crawled' for NonCOVID slices by their patient id (`medpix_patient_N`,
+    `crawled_patient_N`), else 'other'.
   * Images are opened by content and converted to 8-bit grayscale (see `image_io`).
 """
 
-import csv
 import functools
 import zipfile
 from pathlib import Path
@@ -148,10 +151,7 @@ def _load_zip_member(archive_path: Path, member: str):
 
 def read_split_list(path: Path) -> list[str]:
   """File names in a split list (CRLF or LF, with or without a final newline)."""
-  try:
-    text = path.read_bytes().decode("utf-8-sig")
-  except (OSError, UnicodeDecodeError) as e:
-    raise DatasetError(f"{path}: cannot read the split list: {e}") from e
+  text = common.read_text(path, "split list")
   names = [line.strip() for line in text.replace("\r", "\n").split("\n")]
   names = [n for n in names if n]
   seen = set()
@@ -208,28 +208,30 @@ def read_covid_meta(path: Path) -> dict[str, tuple[str, str]]:
 
 def read_noncovid_meta(path: Path) -> dict[str, str]:
   """{image name: patient id} from NonCOVID-CT-MetaInfo.csv."""
-  try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      reader = csv.DictReader(f)
-      rows = list(reader)
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise DatasetError(f"{path}: cannot read the csv: {e}") from e
-  if not {"image name", "patient id"} <= set(reader.fieldnames or ()):
-    raise DatasetError(f"{path}: needs the columns 'image name' and 'patient id'")
+  rows = [row for _, row in common.read_csv(path, ("image name", "patient id"))]
   meta: dict[str, str] = {}
   for row in rows:
-    name, patient = (row["image name"] or "").strip(), (row["patient id"] or "").strip()
+    name, patient = row["image name"].strip(), row["patient id"].strip()
     if name and patient and meta.setdefault(name, patient) != patient:
       raise DatasetError(f"{path}: {name!r} is listed with two patient ids")
   return meta
 
 
+def source_of(label: int, patient_id: str) -> str:
+  """'paper' (COVID), 'medpix' / 'crawled' (NonCOVID, by patient id prefix) or 'other'."""
+  if label == 1:
+    return "paper"
+  prefix = patient_id.split("_", 1)[0].lower()
+  return prefix if prefix in ("medpix", "crawled") else "other"
+
+
 class CovidCt(common.RealImageBuilder):
   """COVID-CT (Zhao et al. 2020), split by the official patient-wise lists."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-    "1.0.0": "Official split, grayscale originals, leakage audit."
+    "1.0.0": "Official split, grayscale originals, leakage audit.",
+    "1.1.0": "`source` is paper / medpix / crawled (per-source results); the DOI moved to `doi`.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _WHAT_TO_DOWNLOAD + (
     "where DIR is the manual_dir (the files are downloaded automatically when online)."
@@ -238,7 +240,7 @@ class CovidCt(common.RealImageBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
       description=__doc__,
-      features=common.base_features(),
+      features=common.base_features(doi=tfds.features.Text()),
       supervised_keys=("image", "label"),
       homepage=_UPSTREAM,
       citation=_CITATION,
@@ -286,7 +288,17 @@ class CovidCt(common.RealImageBuilder):
             meta = sources[_COVID_META if label == 1 else _NONCOVID_META]
             raise DatasetError(f"{sources[folder]}/{name}: no patient id for it in {meta}")
           listed.add(name)
-          candidates.append(Candidate(f"{folder}/{name}", label, patient, doi, index[name], split))
+          candidates.append(
+            Candidate(
+              f"{folder}/{name}",
+              label,
+              patient,
+              source_of(label, patient),
+              index[name],
+              split,
+              extra={"doi": doi},
+            )
+          )
       unlisted[folder] = sorted(set(index) - listed)
       if unlisted[folder]:
         logging.warning(

@@ -38,10 +38,8 @@ Rules:
     train/val/test folder and file name order).
 """
 
-import csv
 import dataclasses
 import functools
-import hashlib
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -100,7 +98,7 @@ unzipped or cloned as
 
 def patient_split(patient_id: str) -> str:
   """The documented deterministic split of a patient: 'train' (60%), 'val' (20%) or 'test'."""
-  u = int(hashlib.sha1(("covid_cxr:" + patient_id).encode("utf-8")).hexdigest(), 16) / 16**40
+  u = common.salted_fraction("covid_cxr:", patient_id)
   return "train" if u < 0.60 else "val" if u < 0.80 else "test"
 
 
@@ -157,15 +155,9 @@ def _field(row: dict[str, str | None], column: str) -> str:
 def _frontal_xray_rows(root: Path) -> tuple[Path, list[tuple[int, Any]]]:
   """(metadata.csv's path, [(line number, field getter)] of its frontal X-ray rows)."""
   path = root / "metadata.csv"
-  try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      reader = csv.DictReader(f)
-      missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
-      if missing:
-        raise DatasetError(f"{path}: missing columns {missing}")
-      rows = [(reader.line_num, functools.partial(_field, row)) for row in reader]
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise DatasetError(f"{path}: cannot read the csv: {e}") from e
+  rows = [
+    (n, functools.partial(_field, row)) for n, row in common.read_csv(path, _REQUIRED_COLUMNS)
+  ]
   frontal = [(n, get) for n, get in rows if get("modality") == "X-ray"]
   return path, [(n, get) for n, get in frontal if get("view") in FRONTAL_VIEWS]
 

@@ -1,0 +1,91 @@
+"""The leakage audit at scale: blocked pair search and pairs within one patient left unlisted."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_flax.datasets import audit
+from tests.helpers import smooth_image
+
+
+def _record(key, split, label, patient, image):
+  return audit.ImageRecord(key, split, label, patient, audit.fingerprint(image))
+
+
+def _records():
+  base, other = smooth_image(1), smooth_image(2)
+  slightly = base.resize((96, 72), Image.Resampling.BILINEAR)
+  return [
+    _record("s1", "train", "covid", "p1", base),  # Three "slices" of one patient...
+    _record("s2", "train", "covid", "p1", base.copy()),
+    _record("s3", "train", "covid", "p1", slightly),
+    _record("t1", "test", "covid", "p1", base.copy()),  # ...one in test: leakage, listed.
+    _record("o1", "train", "non_covid", "p2", other),
+    _record("o2", "train", "covid", "p3", other.copy()),  # Another patient: listed.
+  ] + [_record(f"n{i}", "val", "covid", f"q{i}", smooth_image(10 + i)) for i in range(9)]
+
+
+def _keys(pairs):
+  return {(p["a"]["key"], p["b"]["key"]) for p in pairs}
+
+
+@pytest.mark.parametrize("block", [1024, 4, 1])
+def test_blocked_search_finds_the_same_pairs_as_brute_force(monkeypatch, block):
+  monkeypatch.setattr(audit, "_BLOCK", block)
+  records = _records()
+  pairs, not_listed = audit.find_duplicate_pairs(records)
+  bits = np.stack([r.fingerprint.ahash for r in records])
+  dhash = np.stack([r.fingerprint.dhash for r in records])
+  expected = {
+    (records[i].key, records[j].key)
+    for i in range(len(records))
+    for j in range(i + 1, len(records))
+    if np.count_nonzero(bits[i] != bits[j]) <= audit.AHASH_MAX
+    and np.count_nonzero(dhash[i] != dhash[j]) <= audit.DHASH_MAX
+  }
+  assert _keys(pairs) == expected and not_listed == 0
+  assert {("s1", "s2"), ("s1", "t1"), ("o1", "o2")} <= expected
+
+
+@pytest.mark.parametrize("block", [1024, 2])
+def test_pairs_of_one_patient_class_and_split_are_counted_not_listed(monkeypatch, block):
+  monkeypatch.setattr(audit, "_BLOCK", block)
+  records = _records()
+  listed, not_listed = audit.find_duplicate_pairs(records, within_patient=False)
+  everything, _ = audit.find_duplicate_pairs(records)
+  same = {("s1", "s2"), ("s1", "s3"), ("s2", "s3")}
+  assert same <= _keys(everything)
+  assert _keys(listed) == _keys(everything) - same and not_listed == 3
+  assert {("s1", "t1"), ("o1", "o2")} <= _keys(listed)  # Across splits or patients: kept.
+  report = audit.build_report(
+    dataset="x",
+    version="1",
+    config={},
+    records=records,
+    pairs=listed,
+    excluded=audit.test_exclusions(listed),
+    build={},
+    not_listed=not_listed,
+  )
+  assert report["summary"]["within_patient_pairs_not_listed"] == 3
+  assert report["summary"]["excluded_from_test"] == 1
+
+
+def test_ordered_map_keeps_order_bounds_the_window_and_raises_in_order():
+  from covid_flax.datasets import common
+
+  started = []
+
+  def square(x):
+    started.append(x)
+    if x == 30:
+      raise ValueError("item 30")
+    return x * x
+
+  results = common.ordered_map(square, list(range(40)), workers=2)
+  assert next(results) == 0
+  assert len(started) <= 8  # At most 4 per worker ahead of the consumer.
+  assert [next(results) for _ in range(29)] == [x * x for x in range(1, 30)]
+  with pytest.raises(ValueError, match="item 30"):
+    next(results)
+  assert list(common.ordered_map(square, [3, 4], workers=1)) == [9, 16]
