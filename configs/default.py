@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Equalise each image's grey-level histogram (after the crop): figures from papers, scanners and
   # screenshots differ in windowing and contrast, which a model can learn instead of the disease.
   config.equalize = False
-  # Keep only the typical lung fields of a frontal chest X-ray (`input_pipeline.lung_field_mask`:
+  # Keep only the typical lung fields of a frontal chest X-ray (`image_prep.lung_field_mask`:
   # two fixed ellipses; the rest is set to black), after the crop: removes corner text, markers and
   # borders. A documented prior, not a segmentation: for CXR ablations, not for CT.
   config.lung_mask = False
@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   # units, a lung window; radiograph DICOMs use their own VOI LUT or window (datasets/image_io.py).
   config.ct_window_center = -600.0
   config.ct_window_width = 1500.0
+  # How images reach the devices. 'cache': every split decoded once and the training set placed
+  # whole on every device (fastest; memory O(dataset)). 'stream': each process decodes only its
+  # own rows of each batch, in background threads, every epoch (memory O(batch)). 'auto': cache
+  # when it fits half the smallest device's and of the host's free memory, else stream (logged).
+  # Both give the same batches, so a run may switch between them when resuming.
+  config.input_mode = "auto"
 
   # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
   # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is

@@ -14,6 +14,7 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 INPUT_NORMS = ("default", "imagenet", "xrv")
+INPUT_MODES = ("auto", "cache", "stream")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop",
@@ -53,6 +54,7 @@ ADDED_FIELDS = {
   "freeze_bn_stats": False,
   "ct_window_center": -600.0,
   "ct_window_width": 1500.0,
+  "input_mode": "auto",
 }
 
 
@@ -137,6 +139,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "frozen_backbone_epochs": ((int, float), _NON_NEGATIVE),
   "freeze_bn_stats": (bool, _ANY),
   "batch_size": (int, _POSITIVE),
+  "input_mode": (str, _in(*INPUT_MODES)),
   "eval_batch_size": (int, _POSITIVE),
   "num_epochs": (int, _POSITIVE),
   "optimizer": (str, _in(*OPTIMIZERS)),

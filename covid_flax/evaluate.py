@@ -192,7 +192,8 @@ def main(argv):
         name += "-" + os.path.splitext(os.path.basename(FLAGS.labels))[0]
       trained_on = 0
     else:
-      data = input_pipeline.load_split(run.config, FLAGS.split)
+      streamed = input_pipeline.resolve_input_mode(run.config, FLAGS.split) == "stream"
+      data = input_pipeline.load_split(run.config, FLAGS.split, stream=streamed)
       name = FLAGS.split
       trained_on = input_pipeline.count_trained_on(run.config, FLAGS.split)
     out_dir = evaluate(run, data, name, FLAGS.n_resamples, FLAGS.gradcam_per_group, trained_on,

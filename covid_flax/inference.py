@@ -18,6 +18,7 @@ from flax import nnx
 from covid_flax import (
   checkpointing,
   config_lib,
+  image_prep,
   input_pipeline,
   metrics,
   models,
@@ -254,7 +255,7 @@ def load_usable_images(
     if min(image.shape[:2]) < MIN_SIDE:
       logging.warning("%s is only %dx%d pixels: its prediction means little", path,
                       image.shape[1], image.shape[0])  # fmt: skip
-    out[i] = input_pipeline.prepare_image(image, config)
+    out[i] = image_prep.prepare_image(image, config)
     usable.append(i)
   return out[usable], failures
 

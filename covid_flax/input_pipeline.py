@@ -1,16 +1,21 @@
-"""Input pipeline: TFDS array_record data source -> decoded, resized uint8 cache -> grain batches.
+"""Input pipeline: TFDS array_record data source -> decoded, resized uint8 images -> grain batches.
 
-Images are decoded and resized once per run (the datasets are small) and kept as uint8. For
-training the whole cache is placed on every device once (`device_cache`); grain then shuffles,
-batches and shards *indices* per process, and the train step gathers its images on the device,
-augments and normalises them there (`preprocess.augmented_batch`). The host moves a few bytes per
-step.
+Two modes (`config.input_mode`, `resolve_input_mode`), the same batches in both:
+  * cache: every image of a split is decoded and resized once per run and kept as uint8; the
+    training set is placed whole on every device (`device_cache`), grain shuffles, batches and
+    shards *indices* per process, and the train step gathers its images on the device. The host
+    moves a few bytes per step; memory is O(dataset) on the host and on every device.
+  * stream: a split is `LazyImages` (decoded and resized when indexed); grain's background threads
+    read, for each step, only this process's rows of the global batch and hand uint8 images to the
+    step. Memory is O(batch); every epoch decodes again.
+Augmentation and normalisation happen on the device in both (`preprocess.augmented_batch`).
 """
 
 import contextlib
 import dataclasses
 import functools
 import io
+import os
 from concurrent import futures
 from typing import Iterator, Mapping
 
@@ -20,12 +25,11 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image, ImageOps
+from jax.experimental import multihost_utils
 from sklearn import model_selection
 
 import covid_flax.datasets  # noqa: F401  (registers the builders)
-from covid_flax import config_lib, parallel
-from covid_flax import ct_crop as ct_crop_lib
+from covid_flax import config_lib, image_prep, parallel
 from covid_flax.datasets import common
 
 # Text features that evaluations report results by (`covid_flax.subgroups`), where a dataset has them.
@@ -34,10 +38,11 @@ GROUP_FEATURES = ("source", "view", "finding")
 
 @dataclasses.dataclass(frozen=True)
 class SplitData:
-  """A whole split in memory: images (N, S, S, 1) uint8 and their metadata; `attributes` holds
-  the GROUP_FEATURES the dataset has, each an (N,) array of strings."""
+  """A split: images (N, S, S, 1) uint8, in memory (cache mode) or `LazyImages` (stream mode), and
+  their metadata, always in memory; `attributes` holds the GROUP_FEATURES the dataset has, each an
+  (N,) array of strings."""
 
-  images: np.ndarray
+  images: "np.ndarray | image_prep.LazyImages"
   labels: np.ndarray
   patient_ids: np.ndarray
   filenames: np.ndarray
@@ -46,10 +51,15 @@ class SplitData:
   def __len__(self) -> int:
     return len(self.labels)
 
+  @property
+  def streamed(self) -> bool:
+    return isinstance(self.images, image_prep.LazyImages)
+
   def subset(self, indices: np.ndarray) -> "SplitData":
-    arrays = (self.images, self.labels, self.patient_ids, self.filenames)
+    images = self.images.subset(indices) if self.streamed else self.images[indices]
+    arrays = (self.labels, self.patient_ids, self.filenames)
     attributes = {k: v[indices] for k, v in self.attributes.items()}
-    return SplitData(*(a[indices] for a in arrays), attributes)
+    return SplitData(images, *(a[indices] for a in arrays), attributes)
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -86,94 +96,89 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
       raise
 
 
-# The lung-field prior of `lung_field_mask`, as fractions of the image's width and height: centre
-# (x, y) and semi-axes (a, b) of each lung's ellipse on a frontal film (patient's right on the left).
-LUNG_FIELDS = ((0.30, 0.47, 0.19, 0.33), (0.70, 0.47, 0.19, 0.33))
-
-
-@functools.lru_cache(maxsize=8)
-def lung_field_mask(size: int) -> np.ndarray:
-  """(size, size) bool: True inside the two ellipses of LUNG_FIELDS. A fixed anatomical prior for
-  frontal chest X-rays that fill the image (no segmentation, no weights): it keeps the lungs of a
-  typical film and removes the corners and borders, where burned-in text, arrows, markers and
-  figure labels sit."""
-  y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
-  inside = [((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1 for cx, cy, a, b in LUNG_FIELDS]
-  return np.logical_or(*inside)
-
-
-def resize(
-  image: np.ndarray,
-  size: int,
-  center_crop: float = 1.0,
-  equalize: bool = False,
-  lung_mask: bool = False,
-  ct_crop: bool = False,
-) -> np.ndarray:
-  """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
-  side, stretched to a square (no padding, which would add borders that differ by source), its
-  grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
-  `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
-  any, over the body only)."""
-  image = np.asarray(image).reshape(image.shape[0], image.shape[1])
-  if ct_crop:
-    image, equalize = ct_crop_lib.crop_to_lungs(image, equalize), False
-  pil = Image.fromarray(image, mode="L")
-  if center_crop < 1.0:
-    w, h = pil.size
-    dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
-    pil = pil.crop((dw, dh, w - dw, h - dh))
-  if equalize:
-    pil = ImageOps.equalize(pil)
-  if pil.size != (size, size):
-    pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-  out = np.asarray(pil, dtype=np.uint8)
-  if lung_mask:
-    out = np.where(lung_field_mask(size), out, 0).astype(np.uint8)
-  return out[..., None]
-
-
-def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
-  return resize(
-    image,
-    config.image_size,
-    config.center_crop,
-    config.equalize,
-    config.lung_mask,
-    config.ct_crop,
-  )
-
-
-def load_split(config: ml_collections.ConfigDict, split: str, *, num_threads: int = 4) -> SplitData:
-  """Decodes and resizes every image of `split` once, in parallel threads (PIL drops the GIL)."""
+def load_split(
+  config: ml_collections.ConfigDict, split: str, *, stream: bool = False, num_threads: int = 4
+) -> SplitData:
+  """`split`'s metadata, and its images: decoded and resized once, in parallel threads (PIL drops
+  the GIL), or with `stream` as `LazyImages` (the metadata pass then skips image decoding)."""
   builder = get_builder(config)
   split_examples(builder, split)  # A clear error for a split the dataset does not have.
-  source = tfds.data_source(
-    config.dataset, split=split, data_dir=config.data_dir or None, download=False
-  )
+  kwargs = dict(split=split, data_dir=config.data_dir or None, download=False)
+  source = tfds.data_source(config.dataset, **kwargs)
   n = len(source)
   if n == 0:
     raise common.DatasetError(f"split {split!r} of {config.dataset} is empty")
+  if stream:
+    reader = tfds.data_source(
+      config.dataset, decoders={"image": tfds.decode.SkipDecoding()}, **kwargs
+    )
 
-  def load(i: int):
-    ex = source[i]
-    return prepare_image(ex["image"], config), ex
+  def load(i: int) -> tuple[np.ndarray | None, dict]:
+    if stream:
+      return None, reader[i]
+    example = source[i]
+    return image_prep.decode(example["image"], config), example
 
-  images = np.empty((n, config.image_size, config.image_size, 1), np.uint8)
+  images = None if stream else np.empty((n, config.image_size, config.image_size, 1), np.uint8)
   labels = np.empty((n,), np.int32)
   patients, filenames = [], []
   groups = [f for f in GROUP_FEATURES if f in builder.info.features]
   attributes = {f: [] for f in groups}
   with futures.ThreadPoolExecutor(num_threads) as pool:
     for i, (image, ex) in enumerate(pool.map(load, range(n))):
-      images[i], labels[i] = image, ex["label"]
+      if images is not None:
+        images[i] = image
+      labels[i] = ex["label"]
       patients.append(_text(ex["patient_id"]))
       filenames.append(_text(ex["filename"]))
       for f in groups:
         attributes[f].append(_text(ex[f]))
   attributes = {f: np.asarray(v, dtype=str) for f, v in attributes.items()}
+  if stream:
+    images = image_prep.LazyImages(source, np.arange(n), config)
   return SplitData(images, labels, np.asarray(patients), np.asarray(filenames), attributes)
+
+
+# Cache mode when the training set takes at most this share of the smallest device's memory and
+# (with its host copy, and on CPU the devices' copies) of the host's available memory.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def _host_available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_input_mode(config: ml_collections.ConfigDict, split: str | None = None) -> str:
+  """'cache' or 'stream' for `split` (default: the training split): `config.input_mode`, or for
+  'auto' the memory rule above, decided by process 0 for all (all must run the same step)."""
+  if config.input_mode != "auto":
+    return config.input_mode
+  builder = get_builder(config)
+  n = len(split_examples(builder, split or config.train_split))
+  cache_bytes = n * config.image_size**2
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+  on_host = jax.local_devices()[0].platform == "cpu" or not all(limits)
+  host_need = cache_bytes * (1 + jax.local_device_count() * on_host)
+  host_ok = host_need <= CACHE_MEMORY_SHARE * _host_available_bytes()
+  device_ok = on_host or cache_bytes <= CACHE_MEMORY_SHARE * min(limits)
+  stream = not (host_ok and device_ok)
+  if jax.process_count() > 1:
+    stream = bool(multihost_utils.broadcast_one_to_all(np.int32(stream)))
+  mode = "stream" if stream else "cache"
+  logging.info(
+    "input_mode=auto -> %s: the %d images of %s take %.2f GB as a cache (x%d devices); "
+    "host needs %.2f GB of %.2f GB available, smallest device %s (share %.1f)",
+    mode, n, split or config.train_split, cache_bytes / 1e9, jax.local_device_count(),
+    host_need / 1e9,
+    _host_available_bytes() / 1e9,
+    "is the host" if on_host else f"has {min(limits) / 1e9:.2f} GB", CACHE_MEMORY_SHARE,
+  )  # fmt: skip
+  return mode
 
 
 def cv_fold_indices(data: SplitData, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,13 +201,15 @@ def cv_fold_indices(data: SplitData, folds: int, fold: int) -> tuple[np.ndarray,
   return train_idx, eval_idx
 
 
-def load_train_and_eval(config: ml_collections.ConfigDict) -> tuple[SplitData, SplitData]:
+def load_train_and_eval(
+  config: ml_collections.ConfigDict, stream: bool = False
+) -> tuple[SplitData, SplitData]:
   """The data a run trains on and the data it is validated on (and picks its 'best' checkpoint
   and its threshold by): config.train_split and config.eval_split, or with config.cv_folds = K,
   config.train_split without its patient-wise fold config.cv_fold, and that fold."""
-  train = load_split(config, config.train_split)
+  train = load_split(config, config.train_split, stream=stream)
   if not config.cv_folds:
-    return train, load_split(config, config.eval_split)
+    return train, load_split(config, config.eval_split, stream=stream)
   train_idx, eval_idx = cv_fold_indices(train, config.cv_folds, config.cv_fold)
   return train.subset(train_idx), train.subset(eval_idx)
 
@@ -278,11 +285,12 @@ def device_cache(mesh: jax.sharding.Mesh, data: SplitData) -> jax.Array:
 
 
 def train_dataset(data: SplitData, global_batch_size: int, seed: int) -> grain.MapDataset:
-  """Endless batches of this process's rows of each global batch, as indices into the device cache
-  plus labels. Epoch e is a permutation seeded by (seed, e), cut into len(data) // batch batches
-  (the remainder is dropped); every process computes the same ones. Element i is step i's batch, so
-  the iterator state is just the step: a resumed run sees exactly the batches it would have seen.
-  One grain element per batch, not per image: grain's per-element cost stays off the step."""
+  """Endless batches of this process's rows of each global batch: indices into the device cache
+  and labels, or (stream mode) the decoded images and labels. Epoch e is a permutation seeded by
+  (seed, e), cut into len(data) // batch batches (the remainder is dropped); every process
+  computes the same ones. Element i is step i's batch, so the iterator state is just the step: a
+  resumed run sees exactly the batches it would have seen. One grain element per batch, not per
+  image: grain's per-element cost stays off the step."""
   rows = _process_slice(global_batch_size)
   per_epoch = len(data) // global_batch_size
   if per_epoch == 0:
@@ -298,25 +306,36 @@ def train_dataset(data: SplitData, global_batch_size: int, seed: int) -> grain.M
     epoch, k = divmod(int(step), per_epoch)
     idx = permutation(epoch)[k * global_batch_size : (k + 1) * global_batch_size]
     idx = idx[rows].astype(np.int32)
+    if data.streamed:
+      return {"image": data.images[idx], "label": data.labels[idx]}
     return {"index": idx, "label": data.labels[idx]}
 
   return grain.MapDataset.range(2**62).map(batch)
 
 
-def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:
-  """An iterator with `get_state()`/`set_state()`, prefetching in a background thread."""
-  read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+def train_iterator(dataset: grain.MapDataset, streamed: bool = False) -> grain.DatasetIterator:
+  """An iterator with `get_state()`/`set_state()`, computing batches ahead in background threads:
+  one for index batches; for streamed batches one per core (each decodes a whole batch; PIL drops
+  the GIL), with 2 batches per thread in flight."""
+  threads = (os.cpu_count() or 1) if streamed else 1
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(4, 2 * threads))
   return iter(dataset.to_iter_dataset(read_options))
 
 
 def eval_batches(
   data: SplitData, global_batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-  """(each whole global batch, its real-row mask), in order; the last batch is padded. Every
-  process holds the split and yields the same batches (for `parallel.global_batch_from_whole`), so
-  outputs come back in this order on any mesh and the mask needs no communication."""
+  """(each global batch, its real-row mask), in order; the last batch is padded. In cache mode
+  every process yields the whole global batch (for `parallel.global_batch_from_whole`); streamed,
+  only its own rows (for `parallel.global_batch`), decoded 2 batches ahead in threads. Either way
+  outputs come back in this order on any mesh and the mask is global and needs no communication."""
   n = len(data)
-  for start in range(0, n, global_batch_size):
+  rows = _process_slice(global_batch_size) if data.streamed else slice(None)
+
+  def batch(start: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     global_idx = np.arange(start, start + global_batch_size)
-    idx = np.where(global_idx < n, global_idx, 0)
-    yield {"image": data.images[idx], "label": data.labels[idx]}, global_idx < n
+    idx = np.where(global_idx < n, global_idx, 0)[rows]
+    return {"image": data.images[idx], "label": data.labels[idx]}, global_idx < n
+
+  starts = range(0, n, global_batch_size)
+  yield from common.ordered_map(batch, starts, workers=2) if data.streamed else map(batch, starts)

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from covid_flax import (
   checkpointing,
   config_lib,
+  image_prep,
   input_pipeline,
   loop,
   metric_writers,
@@ -87,13 +88,20 @@ def _step_inputs(
   config: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """This device's augmented (and, where configured, mixed) normalised images, their targets
-  (labels, or label distributions after mixing) and its dropout key, all from the step's key."""
+  (labels, or label distributions after mixing) and its dropout key, all from the step's key.
+  `images` is the device cache that batch["index"] points into, or None when the batch carries
+  its own images (stream mode): they are then indexed the same way, so both modes compute the
+  same thing."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, dropout_key, mix_key = jax.random.split(step_key, 3)
-  local_batch = batch["index"].shape[0]
+  local_batch = batch["label"].shape[0]
   # Keys by global example index: augmentation does not depend on the number of devices.
   example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
-  if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+  mixing = config.mixup_alpha > 0 or config.cutmix_alpha > 0
+  if images is None:  # Mixing takes partners from the whole global batch, so gather it.
+    images = jax.lax.all_gather(batch["image"], DATA_AXIS, tiled=True) if mixing else batch["image"]
+    batch = {**batch, "index": example_ids if mixing else jnp.arange(local_batch)}
+  if mixing:
     images, lam, partner_labels = mixed_batch(images, batch, example_ids, aug_key, mix_key, config)
     own, other = (jax.nn.one_hot(y, models.NUM_CLASSES) for y in (batch["label"], partner_labels))
     targets = lam[:, None] * own + (1.0 - lam[:, None]) * other
@@ -121,7 +129,8 @@ def train_step(
   config: ml_collections.ConfigDict,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step, written for one device's share of the global batch. `images` is the
-  device-resident uint8 training set; `batch` holds indices into it and labels."""
+  device-resident uint8 training set and `batch` holds indices into it and labels; or (stream
+  mode) `images` is None and `batch` holds the uint8 images and labels."""
   images, targets, dropout_key = _step_inputs(state, images, batch, config)
 
   # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
@@ -192,15 +201,22 @@ def make_parallel_steps(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   config: ml_collections.ConfigDict,
+  streamed: bool = False,
 ) -> tuple[Callable, Callable]:
   """(train_step, eval_step) jitted over the mesh: state and image cache replicated, batches split
-  on `data`."""
-  p_train = jax.shard_map(
-    functools.partial(train_step, graphdef=graphdef, tx=tx, config=config),
-    mesh=mesh,
-    in_specs=(P(), P(), P(DATA_AXIS)),
-    out_specs=(P(), P()),
-  )
+  on `data`. The train step is (state, cache, batch), or (state, batch) when `streamed`."""
+  train_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
+  if streamed:
+    p_train = jax.shard_map(
+      lambda state, batch: train_fn(state, None, batch),
+      mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS)),
+      out_specs=(P(), P()),
+    )
+  else:
+    p_train = jax.shard_map(
+      train_fn, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=(P(), P())
+    )
   p_eval = jax.shard_map(
     functools.partial(eval_step, graphdef=graphdef, config=config),
     mesh=mesh,
@@ -216,8 +232,9 @@ def predict_split(
   """(probabilities, losses) for every example of `data`, in order, on every process. Batches are
   dispatched without waiting; outputs come to the host once, at the end."""
   outputs, masks = [], []
+  to_global = parallel.global_batch if data.streamed else parallel.global_batch_from_whole
   for batch, global_mask in input_pipeline.eval_batches(data, batch_size):
-    outputs.append(p_eval(state, parallel.global_batch_from_whole(mesh, batch)))
+    outputs.append(p_eval(state, to_global(mesh, batch)))
     masks.append(global_mask)
   probs = np.concatenate([parallel.to_host(p)[m] for (p, _), m in zip(outputs, masks)])
   losses = np.concatenate([parallel.to_host(loss)[m] for (_, loss), m in zip(outputs, masks)])
@@ -251,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   mesh = parallel.create_mesh()
-  train_data, val_data = input_pipeline.load_train_and_eval(config)
+  streamed = input_pipeline.resolve_input_mode(config) == "stream"
+  train_data, val_data = input_pipeline.load_train_and_eval(config, stream=streamed)
   # A final fit on train+val: the val metrics are still logged, but no 'best' checkpoint is chosen
   # by them ('best' is then the latest).
   held_out = input_pipeline.eval_is_held_out(config)
@@ -271,10 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if config.init_from and not manager.all_steps():
     state = init_from_pretrained(state, config)
   state = jax.device_put(state, parallel.replicated(mesh))
-  p_train, p_eval = make_parallel_steps(mesh, graphdef, tx, config)
-  train_images = input_pipeline.device_cache(mesh, train_data)
+  p_train, p_eval = make_parallel_steps(mesh, graphdef, tx, config, streamed)
+  if streamed:
+    step_fn = p_train
+  else:
+    train_images = input_pipeline.device_cache(mesh, train_data)
+    step_fn = lambda state, batch: p_train(state, train_images, batch)  # noqa: E731
   data_iter = input_pipeline.train_iterator(
-    input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
+    input_pipeline.train_dataset(train_data, config.batch_size, config.seed), streamed
   )
   restored = checkpointing.restore_latest_usable(manager, checkpointing.abstract_like(state))
   if restored:
@@ -283,9 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Resumed from checkpoint step %d in %s", step, workdir)
   start_step = int(state.step)
   if is_chief:
-    logging.info("%s: %d train / %d %s examples, %d devices, %d steps of %d",
+    logging.info("%s: %d train / %d %s examples, %d devices, %d steps of %d, input %s",
                  config.dataset, len(train_data), len(val_data), input_pipeline.eval_name(config),
-                 jax.device_count(), total_steps, config.batch_size)  # fmt: skip
+                 jax.device_count(), total_steps, config.batch_size,
+                 "streamed" if streamed else "cached")  # fmt: skip
 
   def validate(state: TrainState, step: int, epoch: int):
     probs, losses = predict_split(p_eval, state, val_data, mesh, config.eval_batch_size)
@@ -297,9 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   t_start = time.perf_counter()
   state, val_summary = loop.run_steps(
-    config, workdir, mesh, manager, state, lambda state, batch: p_train(state, train_images, batch),
-    data_iter, steps_per_epoch, on_epoch_end=validate,
+    config, workdir, mesh, manager, state, step_fn, data_iter, steps_per_epoch,
+    on_epoch_end=validate,
   )  # fmt: skip
+  logging.info("Process %d decoded %d images (%s input)", jax.process_index(),
+               image_prep.decode_count(), "streamed" if streamed else "cached")  # fmt: skip
   if is_chief and start_step < total_steps:
     metric_writers.write_train_summary(
       workdir, config, len(train_data), time.perf_counter() - t_start, val_summary,

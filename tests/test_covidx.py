@@ -373,3 +373,19 @@ def test_train_and_evaluate_on_covidx_cxr_reports_specificity_per_finding(tmp_pa
   assert set(results["subgroups"]["source"]) == {"cohen", "rsna"}
   report = (Path(out) / "report.md").read_text()
   assert "By finding:" in report and "| pneumonia |" in report
+
+
+def test_splits_larger_than_the_shuffle_buffer_spill_to_disk_without_tensorflow(
+  tmp_path, monkeypatch
+):
+  """TFDS spills a split over its 1 GB buffer through tf.io.gfile; with a 1 kB buffer this tiny
+  build spills too (its PNGs are ~1 kB), and must work (and read back whole) without TensorFlow."""
+  from tensorflow_datasets.core import shuffle
+
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1_000)
+  root = _cxr_tree(tmp_path / "tree")
+  _build(covidx_cxr.CovidxCxr, root, tmp_path / "data", "9a")
+  splits = _read("covidx_cxr/9a", tmp_path / "data")
+  assert sum(len(s) for s in splits.values()) == len(_CXR_LINES)
+  image = splits["train"]["train/COVID(1).png"]["image"]
+  np.testing.assert_array_equal(image[..., 0], np.asarray(smooth_image(100)))

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from configs import default
-from covid_flax import ct_crop, input_pipeline, preprocess
+from covid_flax import ct_crop, image_prep, preprocess
 
 
 def _ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
@@ -55,13 +55,13 @@ def clinical_slice() -> np.ndarray:
 
 
 def _prepared(image: np.ndarray, size: int = 64) -> np.ndarray:
-  return input_pipeline.resize(image, size, equalize=True, ct_crop=True)[..., 0].astype(float)
+  return image_prep.resize(image, size, equalize=True, ct_crop=True)[..., 0].astype(float)
 
 
 def test_a_paper_figure_and_a_clinical_slice_end_up_alike():
   figure, clinical = _prepared(paper_figure()), _prepared(clinical_slice())
   # Without the crop they differ grossly (margins, black field, framing); with it, far less.
-  plain = [input_pipeline.resize(x, 64, equalize=True)[..., 0].astype(float)
+  plain = [image_prep.resize(x, 64, equalize=True)[..., 0].astype(float)
            for x in (paper_figure(), clinical_slice())]  # fmt: skip
   assert np.abs(figure - clinical).mean() < 0.35 * np.abs(plain[0] - plain[1]).mean()
   dark_figure, dark_clinical = figure < 128, clinical < 128  # The lungs sit in the same place.
@@ -114,9 +114,9 @@ def test_ct_crop_is_part_of_the_prepared_image():
   config = default.get_config()
   config.image_size, config.equalize = 48, True
   image = paper_figure()
-  plain = input_pipeline.prepare_image(image, config)
+  plain = image_prep.prepare_image(image, config)
   config.ct_crop = True
-  cropped = input_pipeline.prepare_image(image, config)
+  cropped = image_prep.prepare_image(image, config)
   assert cropped.shape == plain.shape == (48, 48, 1)
   expected = np.asarray(
     Image.fromarray(ct_crop.crop_to_lungs(image, equalize=True)).resize(

@@ -18,6 +18,7 @@ from covid_flax import (
   checkpointing,
   config_lib,
   evaluate,
+  image_prep,
   inference,
   input_pipeline,
   metrics,
@@ -328,14 +329,14 @@ def _framed_image(height: int = 80, width: int = 100) -> np.ndarray:
 
 def test_center_crop_removes_the_border():
   image = _framed_image()
-  assert input_pipeline.resize(image, 32).max() == 255
-  cropped = input_pipeline.resize(image, 32, center_crop=0.5)
+  assert image_prep.resize(image, 32).max() == 255
+  cropped = image_prep.resize(image, 32, center_crop=0.5)
   assert cropped.shape == (32, 32, 1) and cropped.max() == 0
 
 
 def test_equalize_stretches_a_low_contrast_image():
   ramp = np.repeat(np.arange(100, 116, dtype=np.uint8), 4)[None].repeat(64, 0)  # 16 grey levels.
-  plain, equalized = input_pipeline.resize(ramp, 16), input_pipeline.resize(ramp, 16, equalize=True)
+  plain, equalized = image_prep.resize(ramp, 16), image_prep.resize(ramp, 16, equalize=True)
   assert (plain.min(), plain.max()) == (100, 115)
   assert equalized.min() < 20 and equalized.max() > 230
   assert np.all(np.diff(equalized[0, :, 0].astype(int)) > 0)  # The order of grey levels is kept.
@@ -353,7 +354,7 @@ def test_external_images_are_cropped_and_equalized_like_the_training_data(run, t
   image = np.asarray(Image.open(tmp_path / "framed.png"))
   np.testing.assert_array_equal(
     inference.load_images_dir(str(tmp_path), config).images[0],
-    input_pipeline.resize(image, config.image_size, 0.7, equalize=True),
+    image_prep.resize(image, config.image_size, 0.7, equalize=True),
   )
 
 
@@ -363,10 +364,10 @@ def test_training_data_is_cropped_and_equalized_by_the_config(run):
   prepared = input_pipeline.load_split(config, "val")
   source = tfds.data_source(config.dataset, split="val", data_dir=config.data_dir, download=False)
   image = source[3]["image"]
-  expected = input_pipeline.resize(image, config.image_size, 0.5, equalize=True)
+  expected = image_prep.resize(image, config.image_size, 0.5, equalize=True)
   np.testing.assert_array_equal(prepared.images[3], expected)
-  for other in (input_pipeline.resize(image, config.image_size, 0.5),
-                input_pipeline.resize(image, config.image_size, equalize=True)):  # fmt: skip
+  for other in (image_prep.resize(image, config.image_size, 0.5),
+                image_prep.resize(image, config.image_size, equalize=True)):  # fmt: skip
     assert not np.array_equal(expected, other)
 
 
@@ -404,7 +405,7 @@ def test_external_sources_from_another_labels_file_give_results_by_source(
 
 
 def test_lung_mask_keeps_the_lung_fields_and_blacks_out_the_rest():
-  mask = input_pipeline.lung_field_mask(64)
+  mask = image_prep.lung_field_mask(64)
   assert mask.shape == (64, 64) and 0.25 < mask.mean() < 0.5
   for y, x in ((30, 19), (30, 45)):  # The centres of both lungs (0.47 of the height; 0.3, 0.7).
     assert mask[y, x]
@@ -412,7 +413,7 @@ def test_lung_mask_keeps_the_lung_fields_and_blacks_out_the_rest():
     assert not mask[y, x]
   framed = _framed_image()
   framed[:] = 200
-  out = input_pipeline.resize(framed, 64, lung_mask=True)[..., 0]
+  out = image_prep.resize(framed, 64, lung_mask=True)[..., 0]
   np.testing.assert_array_equal(out, np.where(mask, 200, 0))
 
 
@@ -420,11 +421,11 @@ def test_training_and_external_images_are_masked_by_the_config(run, tmp_path):
   config = run.config.copy_and_resolve_references()
   config.lung_mask = True
   prepared = input_pipeline.load_split(config, "val")
-  assert not prepared.images[:, ~input_pipeline.lung_field_mask(config.image_size)].any()
+  assert not prepared.images[:, ~image_prep.lung_field_mask(config.image_size)].any()
   Image.fromarray(np.full((50, 60), 255, np.uint8)).save(tmp_path / "white.png")
   (tmp_path / "labels.csv").write_text("relpath,label\nwhite.png,covid\n")
   image = inference.load_images_dir(str(tmp_path), config).images[0, ..., 0]
-  np.testing.assert_array_equal(image > 0, input_pipeline.lung_field_mask(config.image_size))
+  np.testing.assert_array_equal(image > 0, image_prep.lung_field_mask(config.image_size))
 
 
 def test_labels_and_matched_sources_from_the_command_line(trained_workdir, images_dir, tmp_path):

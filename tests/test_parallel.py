@@ -8,15 +8,19 @@ from helpers import data_mesh, tiny_config
 from covid_flax import input_pipeline, optim, parallel, train
 
 
-def _run(config, mesh, data, batches):
+def _run(config, mesh, data, batches, streamed=False):
   tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   graphdef, state = train.create_train_state(config, tx)
   state = jax.device_put(state, parallel.replicated(mesh))
-  p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
+  p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config, streamed)
   cache = input_pipeline.device_cache(mesh, data)
   losses = []
   for batch in batches:
-    state, metrics = p_train(state, cache, parallel.global_batch(mesh, batch))
+    if streamed:  # The batch carries its images, as stream mode's does.
+      batch = {"image": data.images[batch["index"]], "label": batch["label"]}
+      state, metrics = p_train(state, parallel.global_batch(mesh, batch))
+    else:
+      state, metrics = p_train(state, cache, parallel.global_batch(mesh, batch))
     losses.append(float(metrics["loss"]))
   eval_batch = {"image": data.images[:16], "label": data.labels[:16]}
   probs, _ = p_eval(state, parallel.global_batch(mesh, eval_batch))
@@ -25,16 +29,22 @@ def _run(config, mesh, data, batches):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "model,recipe",
+  "model,recipe,streamed",
   [
-    ("tiny_cnn", {}),
-    ("seed_cnn", {}),
-    ("tiny_cnn", dict(mixup_alpha=0.4, cutmix_alpha=1.0)),
+    ("tiny_cnn", {}, False),
+    ("seed_cnn", {}, False),
+    ("tiny_cnn", dict(mixup_alpha=0.4, cutmix_alpha=1.0), False),
     # SAM's ascent uses the global gradient: a per-device one would make 8 devices differ.
-    ("tiny_cnn", dict(sam_rho=0.5)),
+    ("tiny_cnn", dict(sam_rho=0.5), False),
+    ("tiny_cnn", {}, True),
+    (
+      "tiny_cnn",
+      dict(mixup_alpha=0.4, cutmix_alpha=1.0),
+      True,
+    ),  # Partners gathered across devices.
   ],
 )
-def test_eight_devices_match_one(model, recipe):
+def test_eight_devices_match_one(model, recipe, streamed):
   assert jax.device_count() == 8, "conftest must fake 8 CPU devices"
   # No gradient clipping: it would hide a gradient off by a factor of the device count.
   config = tiny_config("", model=model, optimizer="sgd", learning_rate=0.01, augment=True,
@@ -50,8 +60,8 @@ def test_eight_devices_match_one(model, recipe):
   for _ in range(3):
     index = rng.choice(40, 16, replace=False).astype(np.int32)
     batches.append({"index": index, "label": data.labels[index]})
-  losses1, state1, probs1 = _run(config, data_mesh(1), data, batches)
-  losses8, state8, probs8 = _run(config, data_mesh(8), data, batches)
+  losses1, state1, probs1 = _run(config, data_mesh(1), data, batches, streamed)
+  losses8, state8, probs8 = _run(config, data_mesh(8), data, batches, streamed)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
   assert losses1[0] != losses1[-1]  # The steps did something.
   for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):

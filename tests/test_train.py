@@ -116,29 +116,36 @@ def test_a_best_checkpoint_outlives_a_resume_without_held_out_data(synthetic_dat
   assert manager.latest_step() > best and best in manager.all_steps()
 
 
-def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize("input_mode", ["cache", "stream"])
+def test_kill_and_rerun_gives_identical_parameters(synthetic_data_dir, tmp_path, input_mode):
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  mode = f"--config.input_mode={input_mode}"
   straight = tmp_path / "straight"
-  subprocess.run(_main_cmd(straight, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
-                 capture_output=True)  # fmt: skip
+  subprocess.run(_main_cmd(straight, synthetic_data_dir, mode), cwd=REPO_ROOT, env=env,
+                 check=True, capture_output=True)  # fmt: skip
   final_step, expected = _final_params(straight)
   steps_per_epoch = final_step // 3
 
   resumed = tmp_path / "resumed"
   kill_when_saved(
-    _main_cmd(resumed, synthetic_data_dir), resumed / "checkpoints" / str(steps_per_epoch), env
+    _main_cmd(resumed, synthetic_data_dir, mode),
+    resumed / "checkpoints" / str(steps_per_epoch),
+    env,
   )
   assert not (resumed / "checkpoints" / str(final_step)).exists()
-  subprocess.run(_main_cmd(resumed, synthetic_data_dir), cwd=REPO_ROOT, env=env, check=True,
-                 capture_output=True)  # fmt: skip
+  subprocess.run(_main_cmd(resumed, synthetic_data_dir, mode), cwd=REPO_ROOT, env=env,
+                 check=True, capture_output=True)  # fmt: skip
   step, got = _final_params(resumed)
   assert step == final_step
   _assert_identical(expected, got)
 
 
-def test_sigterm_saves_and_resume_message(synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize("input_mode", ["cache", "stream"])
+def test_sigterm_saves_and_resume_message(synthetic_data_dir, tmp_path, input_mode):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_main_cmd(workdir, synthetic_data_dir, "--config.num_epochs=50"),
+  cmd = _main_cmd(workdir, synthetic_data_dir, "--config.num_epochs=50",
+                  f"--config.input_mode={input_mode}")  # fmt: skip
+  proc = subprocess.Popen(cmd,
                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)  # fmt: skip
   ckpt = workdir / "checkpoints"

@@ -4,6 +4,10 @@ offline with no real data.
 Configs:
   * `covid_synthetic/cxr`: a frontal chest radiograph: body, two dark lung fields, ribs, heart.
   * `covid_synthetic/ct`: an axial chest CT slice: body, two lungs, spine, vessels.
+  * `covid_synthetic/cxr_n10000`, `cxr_n30000`, `cxr_n100000`: the cxr images at 256x256, with
+    about N training images (N / 1.3 patients) and about 1,000 val and 1,000 test images: datasets
+    too large for a device cache, for scaling runs without a download (`input_mode=stream`).
+    Generated on every core (spawned processes); 100,000 images take a few minutes.
 
 The positive class (`covid`) has patchy peripheral opacities of random strength and number, some
 of them faint; both classes have random anatomy, vessel markings, exposure and noise, so a small CNN
@@ -12,6 +16,7 @@ Every image is a pure function of (config, split, index): every user gets the sa
 """
 
 import dataclasses
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +31,19 @@ _NATIVE_SIZE = 128
 class SyntheticConfig(tfds.core.BuilderConfig):
   modality: str = "cxr"
   split_patients: tuple[tuple[str, int], ...] = (("train", 480), ("val", 80), ("test", 80))
+  native_size: int = _NATIVE_SIZE
+
+
+SCALING_SIZES = (10_000, 30_000, 100_000)  # Training images of the cxr_n<N> configs.
+
+
+def _scaling_config(n: int) -> SyntheticConfig:
+  return SyntheticConfig(
+    name=f"cxr_n{n}",
+    description=f"About {n} training images at 256x256 (scaling runs).",
+    split_patients=(("train", round(n / 1.3)), ("val", 770), ("test", 770)),
+    native_size=256,
+  )
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,10 +91,10 @@ def _peripheral_points(lungs):
   return pts
 
 
-def draw_image(modality: str, label: int, seed: int) -> np.ndarray:
-  """One uint8 (H, W) image; a pure function of its arguments."""
+def draw_image(modality: str, label: int, seed: int, size: int = _NATIVE_SIZE) -> np.ndarray:
+  """One uint8 (size, size) image; a pure function of its arguments."""
   rng = np.random.default_rng(seed)
-  yy, xx = _grid(_NATIVE_SIZE)
+  yy, xx = _grid(size)
   lungs = _lungs(rng, modality)
   lung_mask = np.maximum(*(_ellipse(yy, xx, *lung) for lung in lungs))
   if modality == "cxr":
@@ -111,6 +129,7 @@ class CovidSynthetic(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
     SyntheticConfig(name="cxr", description="Frontal chest radiograph-like images."),
     SyntheticConfig(name="ct", modality="ct", description="Axial chest CT-like slices."),
+    *(_scaling_config(n) for n in SCALING_SIZES),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -127,22 +146,45 @@ class CovidSynthetic(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, split: str, num_patients: int):
-    modality = self.builder_config.modality
+    config = self.builder_config
     split_seed = {"train": 0, "val": 1, "test": 2}[split]
+    examples = []  # (filename, label, patient, draw_image arguments): cheap, drawn in order.
     for patient in range(num_patients):
       rng = np.random.default_rng([split_seed, patient])
       label = int(rng.integers(2))
       for image_index in range(1 + int(rng.random() < 0.3)):
-        seed = [split_seed, patient, image_index, 7]
-        filename = f"{modality}-{split}-{patient:04d}-{image_index}.png"
-        image = draw_image(modality, label, int(np.random.default_rng(seed).integers(2**31)))
+        seed = int(np.random.default_rng([split_seed, patient, image_index, 7]).integers(2**31))
+        filename = f"{config.modality}-{split}-{patient:04d}-{image_index}.png"
+        examples.append(
+          (filename, label, patient, (config.modality, label, seed, config.native_size))
+        )
+    chunks = [examples[i : i + _CHUNK] for i in range(0, len(examples), _CHUNK)]
+    # Processes only where they pay for their start-up (seconds on 2 cores).
+    drawn = common.ordered_map(
+      _draw_pngs, [[e[3] for e in chunk] for chunk in chunks], processes=len(chunks) > 4
+    )
+    for chunk, pngs in zip(chunks, drawn):
+      for (filename, label, patient, _), png in zip(chunk, pngs):
         yield (
           filename,
           {
-            "image": Image.fromarray(image, mode="L"),
+            "image": png,
             "label": label,
             "patient_id": f"syn-{split}-{patient:04d}",
             "filename": filename,
             "source": "synthetic",
           },
         )
+
+
+_CHUNK = 256  # Images drawn per task.
+
+
+def _draw_pngs(arguments: list[tuple[str, int, int, int]]) -> list[bytes]:
+  """PNG bytes of `draw_image(*a)` for each `a` (module level: runs in worker processes)."""
+  out = []
+  for a in arguments:
+    buffer = io.BytesIO()
+    Image.fromarray(draw_image(*a), mode="L").save(buffer, format="PNG")
+    out.append(buffer.getvalue())
+  return out

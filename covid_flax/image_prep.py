@@ -1,0 +1,118 @@
+"""How a stored image becomes a model input on the host: crop, equalise, mask and resize to uint8
+(`prepare_image`), at once for a whole split (cache mode) or when indexed (`LazyImages`, stream
+mode). Augmentation and normalisation happen later, on the device (`covid_flax.preprocess`)."""
+
+import functools
+import threading
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+
+from covid_flax import ct_crop as ct_crop_lib
+
+# The lung-field prior of `lung_field_mask`, as fractions of the image's width and height: centre
+# (x, y) and semi-axes (a, b) of each lung's ellipse on a frontal film (patient's right on the left).
+LUNG_FIELDS = ((0.30, 0.47, 0.19, 0.33), (0.70, 0.47, 0.19, 0.33))
+
+
+@functools.lru_cache(maxsize=8)
+def lung_field_mask(size: int) -> np.ndarray:
+  """(size, size) bool: True inside the two ellipses of LUNG_FIELDS. A fixed anatomical prior for
+  frontal chest X-rays that fill the image (no segmentation, no weights): it keeps the lungs of a
+  typical film and removes the corners and borders, where burned-in text, arrows, markers and
+  figure labels sit."""
+  y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+  inside = [((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1 for cx, cy, a, b in LUNG_FIELDS]
+  return np.logical_or(*inside)
+
+
+def resize(
+  image: np.ndarray,
+  size: int,
+  center_crop: float = 1.0,
+  equalize: bool = False,
+  lung_mask: bool = False,
+  ct_crop: bool = False,
+) -> np.ndarray:
+  """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
+  side, stretched to a square (no padding, which would add borders that differ by source), its
+  grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
+  `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
+  any, over the body only)."""
+  image = np.asarray(image).reshape(image.shape[0], image.shape[1])
+  if ct_crop:
+    image, equalize = ct_crop_lib.crop_to_lungs(image, equalize), False
+  pil = Image.fromarray(image, mode="L")
+  if center_crop < 1.0:
+    w, h = pil.size
+    dw, dh = round(w * (1 - center_crop) / 2), round(h * (1 - center_crop) / 2)
+    pil = pil.crop((dw, dh, w - dw, h - dh))
+  if equalize:
+    pil = ImageOps.equalize(pil)
+  if pil.size != (size, size):
+    pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  out = np.asarray(pil, dtype=np.uint8)
+  if lung_mask:
+    out = np.where(lung_field_mask(size), out, 0).astype(np.uint8)
+  return out[..., None]
+
+
+def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """One decoded image as the run's model sees it before augmentation (`resize` with its config)."""
+  return resize(
+    image,
+    config.image_size,
+    config.center_crop,
+    config.equalize,
+    config.lung_mask,
+    config.ct_crop,
+  )
+
+
+_decodes = 0
+_decodes_lock = threading.Lock()
+
+
+def decode(image: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  """`prepare_image`, counted (`decode_count`)."""
+  global _decodes
+  with _decodes_lock:
+    _decodes += 1
+  return prepare_image(image, config)
+
+
+def decode_count() -> int:
+  """Images this process has prepared for a split so far (both modes): for tests and benchmarks."""
+  return _decodes
+
+
+class LazyImages:
+  """The images of a split, decoded and resized when indexed (stream mode): `images[idx]` is a
+  uint8 array (len(idx), S, S, 1) for an int array or slice `idx`, (S, S, 1) for an int; extra
+  indices apply after decoding (`images[idx, ..., 0]`). Holds no pixels."""
+
+  dtype = np.dtype(np.uint8)
+  ndim = 4
+
+  def __init__(self, source: Any, indices: np.ndarray, config: ml_collections.ConfigDict):
+    self._source, self._indices, self._config = source, np.asarray(indices, np.int64), config
+    self.shape = (len(self._indices), config.image_size, config.image_size, 1)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def subset(self, indices: np.ndarray) -> "LazyImages":
+    return LazyImages(self._source, self._indices[indices], self._config)
+
+  def __getitem__(self, key) -> np.ndarray:
+    key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+    positions = np.arange(len(self))[key]
+    unique, inverse = np.unique(np.atleast_1d(positions), return_inverse=True)  # Padding repeats.
+    images = np.stack([self._decode(int(i)) for i in self._indices[unique]])[inverse]
+    images = images[0] if positions.ndim == 0 else images
+    return images[(slice(None),) * (positions.ndim > 0) + rest] if rest else images
+
+  def _decode(self, i: int) -> np.ndarray:
+    return decode(self._source[i]["image"], self._config)
