@@ -108,11 +108,17 @@ class LazyImages:
 
   def __getitem__(self, key) -> np.ndarray:
     key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-    positions = np.arange(len(self))[key]
-    unique, inverse = np.unique(np.atleast_1d(positions), return_inverse=True)  # Padding repeats.
-    images = np.stack([self._decode(int(i)) for i in self._indices[unique]])[inverse]
-    images = images[0] if positions.ndim == 0 else images
-    return images[(slice(None),) * (positions.ndim > 0) + rest] if rest else images
+    images = self.examples(key)[0]
+    return images[(slice(None),) * (images.ndim == 4) + rest] if rest else images
 
-  def _decode(self, i: int) -> np.ndarray:
-    return decode(self._source[i]["image"], self._config)
+  def examples(self, key) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of `key` (an int, int array or slice), read from the same records."""
+    positions = np.arange(*key.indices(len(self))) if isinstance(key, slice) else np.asarray(key)
+    unique, inverse = np.unique(np.atleast_1d(positions), return_inverse=True)  # Padding repeats.
+    images = np.empty((len(unique), *self.shape[1:]), np.uint8)
+    labels = np.empty((len(unique),), np.int32)
+    for j, i in enumerate(self._indices[unique]):
+      example = self._source[int(i)]
+      images[j], labels[j] = decode(example["image"], self._config), example["label"]
+    images, labels = images[inverse.reshape(-1)], labels[inverse.reshape(-1)]
+    return (images[0], labels[0]) if positions.ndim == 0 else (images, labels)

@@ -39,17 +39,19 @@ GROUP_FEATURES = ("source", "view", "finding")
 @dataclasses.dataclass(frozen=True)
 class SplitData:
   """A split: images (N, S, S, 1) uint8, in memory (cache mode) or `LazyImages` (stream mode), and
-  their metadata, always in memory; `attributes` holds the GROUP_FEATURES the dataset has, each an
-  (N,) array of strings."""
+  their metadata in memory; `attributes` holds the GROUP_FEATURES the dataset has, each an (N,)
+  array of strings. A streamed split loaded without metadata (a training split: its labels come
+  with each batch) has None for labels, patient_ids and filenames, so that starting does not read
+  every record."""
 
   images: "np.ndarray | image_prep.LazyImages"
-  labels: np.ndarray
-  patient_ids: np.ndarray
-  filenames: np.ndarray
+  labels: np.ndarray | None
+  patient_ids: np.ndarray | None
+  filenames: np.ndarray | None
   attributes: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
-    return len(self.labels)
+    return len(self.images)
 
   @property
   def streamed(self) -> bool:
@@ -59,7 +61,7 @@ class SplitData:
     images = self.images.subset(indices) if self.streamed else self.images[indices]
     arrays = (self.labels, self.patient_ids, self.filenames)
     attributes = {k: v[indices] for k, v in self.attributes.items()}
-    return SplitData(images, *(a[indices] for a in arrays), attributes)
+    return SplitData(images, *(None if a is None else a[indices] for a in arrays), attributes)
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -97,10 +99,16 @@ def _prepare(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDic
 
 
 def load_split(
-  config: ml_collections.ConfigDict, split: str, *, stream: bool = False, num_threads: int = 4
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  stream: bool = False,
+  metadata: bool = True,
+  num_threads: int = 4,
 ) -> SplitData:
   """`split`'s metadata, and its images: decoded and resized once, in parallel threads (PIL drops
-  the GIL), or with `stream` as `LazyImages` (the metadata pass then skips image decoding)."""
+  the GIL), or with `stream` as `LazyImages` (the metadata pass then skips image decoding, and
+  with `metadata=False` does not happen: O(1) start whatever the split's size)."""
   builder = get_builder(config)
   split_examples(builder, split)  # A clear error for a split the dataset does not have.
   kwargs = dict(split=split, data_dir=config.data_dir or None, download=False)
@@ -108,6 +116,8 @@ def load_split(
   n = len(source)
   if n == 0:
     raise common.DatasetError(f"split {split!r} of {config.dataset} is empty")
+  if stream and not metadata:
+    return SplitData(image_prep.LazyImages(source, np.arange(n), config), None, None, None)
   if stream:
     reader = tfds.data_source(
       config.dataset, decoders={"image": tfds.decode.SkipDecoding()}, **kwargs
@@ -207,7 +217,9 @@ def load_train_and_eval(
   """The data a run trains on and the data it is validated on (and picks its 'best' checkpoint
   and its threshold by): config.train_split and config.eval_split, or with config.cv_folds = K,
   config.train_split without its patient-wise fold config.cv_fold, and that fold."""
-  train = load_split(config, config.train_split, stream=stream)
+  # Streamed, the training split's metadata is read only where folds need its labels and patients.
+  need = not stream or bool(config.cv_folds)
+  train = load_split(config, config.train_split, stream=stream, metadata=need)
   if not config.cv_folds:
     return train, load_split(config, config.eval_split, stream=stream)
   train_idx, eval_idx = cv_fold_indices(train, config.cv_folds, config.cv_fold)
@@ -307,7 +319,8 @@ def train_dataset(data: SplitData, global_batch_size: int, seed: int) -> grain.M
     idx = permutation(epoch)[k * global_batch_size : (k + 1) * global_batch_size]
     idx = idx[rows].astype(np.int32)
     if data.streamed:
-      return {"image": data.images[idx], "label": data.labels[idx]}
+      images, labels = data.images.examples(idx)
+      return {"image": images, "label": labels}
     return {"index": idx, "label": data.labels[idx]}
 
   return grain.MapDataset.range(2**62).map(batch)

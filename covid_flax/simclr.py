@@ -226,6 +226,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
       "only; pretrain with sam_rho=0"
     )
   checkpointing.check_workdir_compatible(workdir, config)
+  if input_pipeline.resolve_input_mode(config) == "stream":
+    raise config_lib.ConfigError(
+      f"config.input_mode={config.input_mode!r} means streaming here, and pretraining reads from "
+      "a device cache only: pretrain with input_mode=cache on a split that fits in memory"
+    )
   mesh = parallel.create_mesh()
   data = input_pipeline.load_split(config, config.train_split)
   steps_per_epoch = optim.count_steps_per_epoch(config, len(data))

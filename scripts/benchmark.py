@@ -3,6 +3,8 @@
   python scripts/benchmark.py --config=configs/cxr.py [--model=seed_cnn] [--image_size=224]
       [--batch_size=32] [--steps=10] [--windows=5] [--reference=keras] [--input_split=train]
   python scripts/benchmark.py --config=configs/synthetic.py --epoch_scaling=1,2,4 [--epochs=2]
+  python scripts/benchmark.py --config=configs/synthetic.py --scaling --input_mode=stream \
+      --dataset=covid_synthetic/cxr_n100000 --image_size=128 --model=resnet18
 
 Prints one JSON object per line. Train and eval steps run on in-memory random uint8 images (the
 same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
@@ -11,6 +13,9 @@ warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs t
 tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
 process, alternating windows with ours, and prints the ratio. `--epoch_scaling=1,2,4` instead times
 whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4 times.
+`--scaling` measures one training setup as `train` runs it, real data and all (one per process,
+so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's img/s
+alone (no model), peak host RSS and device memory.
 Never trust numbers from fake devices
 (XLA_FLAGS=--xla_force_host_platform_device_count): they share the same cores.
 """
@@ -41,6 +46,10 @@ flags.DEFINE_enum("reference", None, ["keras"], "Also time a reference implement
 flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the training split "
                   "repeated k times, for each k of this list (e.g. 1,2,4).")  # fmt: skip
 flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
+flags.DEFINE_bool("scaling", False, "Instead: time to first step, train and input img/s, memory "
+                  "of config.dataset in config.input_mode (see --dataset, --input_mode).")  # fmt: skip
+flags.DEFINE_string("dataset", None, "Override config.dataset.")
+flags.DEFINE_enum("input_mode", None, ["auto", "cache", "stream"], "Override config.input_mode.")
 flags.DEFINE_string("input_split", None, "Also time the input pipeline on this split of the real "
                     "builder (decode + resize, then index batches for the device cache).")  # fmt: skip
 
@@ -201,16 +210,66 @@ def benchmark_epochs(config, multipliers: list[int], epochs: int) -> None:
           peak_rss_mib=metric_writers.peak_rss_mib())  # fmt: skip
 
 
+def benchmark_scaling(config) -> None:
+  """One training setup as `train.train_and_evaluate` builds it (data loading, device cache or
+  stream, first step), then its steady rates (module docstring)."""
+  start = time.perf_counter()
+  streamed = input_pipeline.resolve_input_mode(config) == "stream"
+  train_data, _ = input_pipeline.load_train_and_eval(config, stream=streamed)
+  loaded_s = time.perf_counter() - start
+  mesh = parallel.create_mesh()
+  tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))
+  graphdef, state = train.create_train_state(config, tx)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  p_train, _ = train.make_parallel_steps(mesh, graphdef, tx, config, streamed)
+  if streamed:
+    step = p_train
+  else:
+    cache = input_pipeline.device_cache(mesh, train_data)
+    step = lambda state, batch: p_train(state, cache, batch)  # noqa: E731
+  dataset = input_pipeline.train_dataset(train_data, config.batch_size, config.seed)
+  iterator = input_pipeline.train_iterator(dataset, streamed)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], parallel.global_batch(mesh, next(iterator)))
+    return metrics["loss"]
+
+  jax.block_until_ready(one_step())
+  first_step_s = time.perf_counter() - start
+  train_rates = _windows(one_step, FLAGS.windows, FLAGS.steps, config.batch_size)
+  # The pipeline alone, from a fresh iterator further into the data (no model, same threads).
+  alone = input_pipeline.train_iterator(dataset, streamed)
+  alone.set_state(iterator.get_state())
+  next(alone)
+  n, t = 4 * FLAGS.steps, time.perf_counter()
+  for _ in range(n):
+    next(alone)
+  input_img_s = n * config.batch_size / (time.perf_counter() - t)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  _emit(config, "scaling", dataset=config.dataset, input_mode="stream" if streamed else "cache",
+        train_examples=len(train_data), load_s=round(loaded_s, 1),
+        time_to_first_step_s=round(first_step_s, 1),
+        train_img_per_s=round(statistics.median(train_rates), 1),
+        train_windows=[round(r, 1) for r in train_rates], input_img_per_s=round(input_img_s, 1),
+        input_threads=(os.cpu_count() or 1) if streamed else 1,
+        peak_rss_mib=metric_writers.peak_rss_mib(),
+        device_bytes_in_use=stats.get("bytes_in_use"))  # fmt: skip
+
+
 def main(argv):
   del argv
   config = FLAGS.config
-  for field in ("model", "image_size", "batch_size"):
+  for field in ("model", "image_size", "batch_size", "dataset", "input_mode"):
     if getattr(FLAGS, field) is not None:
       config[field] = getattr(FLAGS, field)
   _emit(config, "environment", xla_flags=os.environ.get("XLA_FLAGS", ""),
         jax=jax.__version__, backend=jax.default_backend())  # fmt: skip
   if FLAGS.epoch_scaling:
     benchmark_epochs(config, [int(k) for k in FLAGS.epoch_scaling], FLAGS.epochs)
+    return
+  if FLAGS.scaling:
+    benchmark_scaling(config)
     return
   benchmark_train_eval(config, FLAGS.reference)
   if FLAGS.input_split:

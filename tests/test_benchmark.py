@@ -30,6 +30,22 @@ def test_benchmark_prints_every_measure(synthetic_data_dir):
   }
 
 
+@pytest.mark.parametrize("mode", ["cache", "stream"])
+def test_scaling_benchmark_prints_its_fields(synthetic_data_dir, mode):
+  proc = subprocess.run(
+    [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
+     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
+     "--batch_size=16", "--steps=2", "--windows=2", "--scaling", f"--input_mode={mode}"],
+    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+  )  # fmt: skip
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  (scaling,) = [r for r in records if r["measure"] == "scaling"]
+  assert scaling["input_mode"] == mode and scaling["train_examples"] == 618
+  for field in ("time_to_first_step_s", "train_img_per_s", "input_img_per_s", "peak_rss_mib"):
+    assert scaling[field] > 0
+  assert len(scaling["train_windows"]) == 2 and "device_bytes_in_use" in scaling
+
+
 def test_roofline_prints_matmul_peaks_and_every_convolution():
   proc = subprocess.run(
     [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1"],

@@ -40,6 +40,29 @@ def test_lazy_images_index_like_the_cached_array(both):
   assert image_prep.decode_count() - before == 2
 
 
+def test_a_streamed_training_split_starts_without_reading_its_records(both, monkeypatch):
+  config, cached, _ = both
+  reads = []
+  original = input_pipeline.tfds.data_source
+
+  def counting_source(*args, **kwargs):
+    source = original(*args, **kwargs)
+    getitem = source.__class__.__getitem__
+    monkeypatch.setattr(
+      source.__class__, "__getitem__", lambda s, i: (reads.append(i), getitem(s, i))[1]
+    )
+    return source
+
+  monkeypatch.setattr(input_pipeline.tfds, "data_source", counting_source)
+  lazy = input_pipeline.load_split(config, "val", stream=True, metadata=False)
+  assert reads == [] and len(lazy) == len(cached) and lazy.labels is None
+  batch = input_pipeline.train_dataset(lazy, 16, seed=3)[0]
+  expected = input_pipeline.train_dataset(cached, 16, seed=3)[0]
+  np.testing.assert_array_equal(batch["label"], expected["label"])
+  np.testing.assert_array_equal(batch["image"], cached.images[expected["index"]])
+  assert len(reads) == 16  # One record per image of the batch, labels included.
+
+
 def test_stream_batches_equal_cache_batches(both):
   _, cached, streamed = both
   by_cache = input_pipeline.train_dataset(cached, 16, seed=3)
@@ -59,13 +82,14 @@ def test_stream_batches_equal_cache_batches(both):
 def test_each_process_decodes_only_its_rows(both, monkeypatch):
   _, cached, streamed = both
   decoded = {}
-  original = image_prep.LazyImages._decode
+  original = image_prep.LazyImages.examples
 
-  def record(self, i):
-    decoded.setdefault(jax.process_index(), []).append(i)
-    return original(self, i)
+  def record(self, key):
+    examples = self._indices[np.atleast_1d(key)].tolist()
+    decoded.setdefault(jax.process_index(), []).extend(examples)
+    return original(self, key)
 
-  monkeypatch.setattr(image_prep.LazyImages, "_decode", record)
+  monkeypatch.setattr(image_prep.LazyImages, "examples", record)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   global_batches = []
   for process in (0, 1):

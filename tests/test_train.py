@@ -373,3 +373,10 @@ def test_pretraining_refuses_sam(synthetic_data_dir, tmp_path):
 
   with pytest.raises(config_lib.ConfigError, match=r"config.sam_rho=0.05"):
     simclr.pretrain(tiny_config(synthetic_data_dir, sam_rho=0.05), str(tmp_path / "ssl"))
+
+
+def test_pretraining_refuses_stream_mode(synthetic_data_dir, tmp_path):
+  from covid_flax import simclr
+
+  with pytest.raises(config_lib.ConfigError, match=r"input_mode='stream'.*device cache only"):
+    simclr.pretrain(tiny_config(synthetic_data_dir, input_mode="stream"), str(tmp_path / "ssl"))
