@@ -15,7 +15,8 @@ process, alternating windows with ours, and prints the ratio. `--epoch_scaling=1
 whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4 times.
 `--scaling` measures one training setup as `train` runs it, real data and all (one per process,
 so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's img/s
-alone (no model), peak host RSS and device memory.
+alone (no model), peak host RSS and device memory. `--modes_ab` times cache against stream mode
+on the same data in one process, alternating windows.
 Never trust numbers from fake devices
 (XLA_FLAGS=--xla_force_host_platform_device_count): they share the same cores.
 """
@@ -48,6 +49,8 @@ flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the trai
 flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
 flags.DEFINE_bool("scaling", False, "Instead: time to first step, train and input img/s, memory "
                   "of config.dataset in config.input_mode (see --dataset, --input_mode).")  # fmt: skip
+flags.DEFINE_bool("modes_ab", False, "Instead: cache vs stream train img/s on the same data in one "
+                  "process, alternating windows.")  # fmt: skip
 flags.DEFINE_string("dataset", None, "Override config.dataset.")
 flags.DEFINE_enum("input_mode", None, ["auto", "cache", "stream"], "Override config.input_mode.")
 flags.DEFINE_string("input_split", None, "Also time the input pipeline on this split of the real "
@@ -257,6 +260,43 @@ def benchmark_scaling(config) -> None:
         device_bytes_in_use=stats.get("bytes_in_use"))  # fmt: skip
 
 
+def benchmark_modes_ab(config) -> None:
+  """Cache and stream mode on the same data in one process, alternating timed windows (A B A B)
+  so that both see the same machine state: the fair comparison of their train img/s."""
+  mesh = parallel.create_mesh()
+  tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))
+  graphdef, _ = train.create_train_state(config, tx)
+  steps = {}
+  for mode in ("cache", "stream"):
+    streamed = mode == "stream"
+    data = input_pipeline.load_split(config, config.train_split, stream=streamed, metadata=False)
+    p_train, _ = train.make_parallel_steps(mesh, graphdef, tx, config, streamed)
+    iterator = input_pipeline.train_iterator(
+      input_pipeline.train_dataset(data, config.batch_size, config.seed), streamed
+    )
+    fresh = train.create_train_state(config, tx)[1]  # Each step donates its own state.
+    holder = {"state": jax.device_put(fresh, parallel.replicated(mesh))}
+    cache = None if streamed else input_pipeline.device_cache(mesh, data)
+
+    def one_step(p_train=p_train, iterator=iterator, holder=holder, cache=cache):
+      batch = parallel.global_batch(mesh, next(iterator))
+      args = (batch,) if cache is None else (cache, batch)
+      holder["state"], metrics = p_train(holder["state"], *args)
+      return metrics["loss"]
+
+    jax.block_until_ready(one_step())
+    steps[mode] = one_step
+  rates = {mode: [] for mode in steps}
+  for _ in range(FLAGS.windows):
+    for mode, one_step in steps.items():
+      rates[mode] += _windows(one_step, 1, FLAGS.steps, config.batch_size)
+  medians = {mode: statistics.median(r) for mode, r in rates.items()}
+  _emit(config, "modes_ab", dataset=config.dataset,
+        **{f"{m}_img_per_s": round(v, 2) for m, v in medians.items()},
+        **{f"{m}_windows": [round(x, 1) for x in r] for m, r in rates.items()},
+        stream_over_cache=round(medians["stream"] / medians["cache"], 3))  # fmt: skip
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -270,6 +310,9 @@ def main(argv):
     return
   if FLAGS.scaling:
     benchmark_scaling(config)
+    return
+  if FLAGS.modes_ab:
+    benchmark_modes_ab(config)
     return
   benchmark_train_eval(config, FLAGS.reference)
   if FLAGS.input_split:

@@ -46,6 +46,19 @@ def test_scaling_benchmark_prints_its_fields(synthetic_data_dir, mode):
   assert len(scaling["train_windows"]) == 2 and "device_bytes_in_use" in scaling
 
 
+def test_modes_ab_benchmark_prints_both_rates(synthetic_data_dir):
+  proc = subprocess.run(
+    [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
+     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
+     "--batch_size=16", "--steps=2", "--windows=2", "--modes_ab"],
+    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
+  )  # fmt: skip
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  (ab,) = [r for r in records if r["measure"] == "modes_ab"]
+  assert ab["cache_img_per_s"] > 0 and ab["stream_img_per_s"] > 0
+  assert len(ab["cache_windows"]) == len(ab["stream_windows"]) == 2 and ab["stream_over_cache"] > 0
+
+
 def test_roofline_prints_matmul_peaks_and_every_convolution():
   proc = subprocess.run(
     [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1"],
