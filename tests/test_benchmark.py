@@ -10,14 +10,19 @@ from helpers import REPO_ROOT
 pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
 
-def test_benchmark_prints_every_measure(synthetic_data_dir):
+def _benchmark(data_dir: str, *extra: str) -> list[dict]:
+  """The JSON records of scripts/benchmark.py on the synthetic set with a tiny model."""
   proc = subprocess.run(
     [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
-     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
-     "--batch_size=16", "--steps=1", "--windows=2", "--input_split=val"],
+     f"--config.data_dir={data_dir}", "--model=tiny_cnn", "--image_size=32", "--batch_size=16",
+     *extra],
     cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
   )  # fmt: skip
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_benchmark_prints_every_measure(synthetic_data_dir):
+  records = _benchmark(synthetic_data_dir, "--steps=1", "--windows=2", "--input_split=val")
   measures = {r["measure"] for r in records}
   assert {"environment", "compile", "train", "eval", "input", "memory"} <= measures
   for r in records:
@@ -32,13 +37,9 @@ def test_benchmark_prints_every_measure(synthetic_data_dir):
 
 @pytest.mark.parametrize("mode", ["cache", "stream"])
 def test_scaling_benchmark_prints_its_fields(synthetic_data_dir, mode):
-  proc = subprocess.run(
-    [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
-     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
-     "--batch_size=16", "--steps=2", "--windows=2", "--scaling", f"--input_mode={mode}"],
-    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
-  )  # fmt: skip
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  records = _benchmark(
+    synthetic_data_dir, "--steps=2", "--windows=2", "--scaling", f"--input_mode={mode}"
+  )
   (scaling,) = [r for r in records if r["measure"] == "scaling"]
   assert scaling["input_mode"] == mode and scaling["train_examples"] == 618
   for field in ("time_to_first_step_s", "train_img_per_s", "input_img_per_s", "peak_rss_mib"):
@@ -47,13 +48,7 @@ def test_scaling_benchmark_prints_its_fields(synthetic_data_dir, mode):
 
 
 def test_modes_ab_benchmark_prints_both_rates(synthetic_data_dir):
-  proc = subprocess.run(
-    [sys.executable, "scripts/benchmark.py", "--config=configs/synthetic.py",
-     f"--config.data_dir={synthetic_data_dir}", "--model=tiny_cnn", "--image_size=32",
-     "--batch_size=16", "--steps=2", "--windows=2", "--modes_ab"],
-    cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
-  )  # fmt: skip
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  records = _benchmark(synthetic_data_dir, "--steps=2", "--windows=2", "--modes_ab")
   (ab,) = [r for r in records if r["measure"] == "modes_ab"]
   assert ab["cache_img_per_s"] > 0 and ab["stream_img_per_s"] > 0
   assert len(ab["cache_windows"]) == len(ab["stream_windows"]) == 2 and ab["stream_over_cache"] > 0
