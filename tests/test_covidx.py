@@ -228,6 +228,7 @@ _CT_LINES = [
   ("test", "Normal_7_1163_0068.png", 0, "Normal_7", 7),
   ("test", "Normal_7_1163_0001.png", 0, "Normal_7", 3),
   ("test", "NCP_96_2000_0001.png", 2, "NCP_96", 8),
+  ("test", "NCP_868_2396_0063.png", 2, "NCP_868", 9),  # CNCB name, patient not in metadata.csv.
 ]
 
 
@@ -266,14 +267,15 @@ def ct_3a(tmp_path_factory):
 def test_ct_patient_of_is_token_bounded_and_longest():
   ids = {p for p, *_ in _META}
   for _, name, _, patient, _ in _CT_LINES:
-    assert covidx_ct.patient_of(name, ids) == patient
+    if patient != "NCP_868":
+      assert covidx_ct.patient_of(name, ids) == patient
   assert covidx_ct.patient_of("NCP_961_1_0001.png", ids) is None
   assert covidx_ct.patient_of("XNCP_96_1_0001.png", ids) is None
 
 
 def test_ct_splits_crop_finding_source(ct_3a):
   builder, splits = ct_3a
-  source = dict((p, s) for p, s, _ in _META)
+  source = {**dict((p, s) for p, s, _ in _META), "NCP_868": "CNCB"}
   kept = {}
   for split, name, klass, patient, seed in _CT_LINES:
     kept[name] = (split, int(klass == 2), patient, covidx_ct.FINDINGS[klass], source[patient])
@@ -292,6 +294,7 @@ def test_ct_splits_crop_finding_source(ct_3a):
   assert report["summary"]["within_patient_pairs_not_listed"] == 3  # NCP_96's three slices.
   assert [e["key"] for e in report["excluded"]] == ["Normal_7_1163_0001.png"]
   assert report["splits"]["train"] == {"covid": 4, "non_covid": 2}
+  assert report["build"]["patients_from_cncb_names"] == 1
 
 
 def test_ct_b_variant_takes_val_and_test_from_a(tmp_path):
@@ -299,7 +302,7 @@ def test_ct_b_variant_takes_val_and_test_from_a(tmp_path):
   (root / "train_COVIDx_CT-3A.txt").rename(root / "train_COVIDx_CT-3B.txt")
   _build(covidx_ct.CovidxCt, root, tmp_path / "data", "3b_keep_duplicates")
   splits = _read("covidx_ct/3b_keep_duplicates", tmp_path / "data")
-  assert {s: len(x) for s, x in splits.items()} == {"train": 6, "val": 2, "test": 3}
+  assert {s: len(x) for s, x in splits.items()} == {"train": 6, "val": 2, "test": 4}
 
 
 @pytest.mark.parametrize(

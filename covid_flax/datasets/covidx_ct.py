@@ -20,8 +20,11 @@ Rules:
     evaluation reports specificity for normal and pneumonia separately.
   * Patient id: the longest metadata.csv `patient id` that the file name contains between
     separators ('_', '-', start, end): 'NCP_96_1328_0032.png' -> 'NCP_96',
-    'normal5_patient392_SR_2_IM00019.png' -> 'patient392'. A slice with none is an error.
-    `source` is that patient's metadata `source` (CNCB, TCIA, STOIC, iCTCF, ...).
+    'normal5_patient392_SR_2_IM00019.png' -> 'patient392'. Slices named in CNCB's pattern
+    (`NCP|CP|Normal_<patient>_<scan>_<slice>.png`) whose patient the current metadata.csv no longer
+    lists (22 slices of CT-1) get `NCP_<patient>` and source 'CNCB', counted in the report
+    (`build.patients_from_cncb_names`); any other slice without a patient is an error.
+    `source` is the patient's metadata `source` (CNCB, TCIA, STOIC, iCTCF, ...).
   * Neighbouring slices of one patient are near duplicates by design: the audit counts them
     (`within_patient_pairs_not_listed`) and lists only pairs across patients or splits.
 """
@@ -135,6 +138,7 @@ def read_metadata(path: Path) -> dict[str, tuple[str, str]]:
 
 
 _SEPARATOR = re.compile(r"[_-]")
+_CNCB_NAME = re.compile(r"^((?:NCP|CP|Normal)_\d+)_\d+_\d+\.png$")
 
 
 def patient_of(filename: str, patients: set[str] | dict[str, Any]) -> str | None:
@@ -214,7 +218,7 @@ class CovidxCt(common.RealImageBuilder):
     index: dict[str, Path] = {}
     for folder in reversed(folders):  # The first folder wins.
       index.update({e.name: Path(e.path) for e in os.scandir(folder) if e.is_file()})
-    candidates, split_of, no_patient, disagree = [], {}, [], 0
+    candidates, split_of, no_patient, disagree, from_names = [], {}, [], 0, 0
     for split, path in paths.items():
       for line in read_split_file(path):
         if line.filename in split_of:
@@ -227,6 +231,10 @@ class CovidxCt(common.RealImageBuilder):
             f"{line.where}: {line.filename!r} is not in {', '.join(map(str, folders))}"
           )
         patient = patient_of(line.filename, meta)
+        cncb = _CNCB_NAME.match(line.filename)
+        if patient is None and cncb:  # A CNCB patient that metadata.csv has dropped since.
+          patient, from_names = cncb.group(1), from_names + 1
+          meta.setdefault(patient, ("CNCB", ""))
         if patient is None:
           no_patient.append(line.where)
           continue
@@ -256,5 +264,6 @@ class CovidxCt(common.RealImageBuilder):
       "split_files": {s: str(p) for s, p in paths.items()},
       "unlisted_files": len(index) - len(candidates),
       "class_differs_from_metadata_finding": disagree,
+      "patients_from_cncb_names": from_names,
     }
     return candidates, build
