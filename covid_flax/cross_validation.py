@@ -62,7 +62,8 @@ def cross_validate(
       f"config.cv_fold={config.cv_fold}: cross_validate trains every fold; leave it 0 (use "
       "covid_flax.main to train a single fold)"
     )
-  pool = input_pipeline.load_split(config, config.train_split)
+  streamed = input_pipeline.resolve_input_mode(config) == "stream"
+  pool = input_pipeline.load_split(config, config.train_split, stream=streamed)
   subgroups.check_matched_sources(matched_sources, pool.attributes)  # Before hours of training.
   parts, folds = [], []
   for k in range(config.cv_folds):

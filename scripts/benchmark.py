@@ -165,7 +165,20 @@ def _keras_step(config):
 
 def benchmark_input(config, split: str) -> None:
   """Decode + resize once (the cache), then index batches from grain (what the host feeds each
-  train step; images stay on the device): host rates, no model."""
+  train step; images stay on the device): host rates, no model. In stream mode: the streamed
+  batches (read, decode, resize in grain's threads)."""
+  if input_pipeline.resolve_input_mode(config, split) == "stream":
+    data = input_pipeline.load_split(config, split, stream=True, metadata=False)
+    batch = min(config.batch_size, len(data))
+    dataset = input_pipeline.train_dataset(data, batch, 0)
+    iterator = input_pipeline.train_iterator(dataset, streamed=True)
+    next(iterator)
+    n, start = max(20, 2 * FLAGS.steps), time.perf_counter()
+    for _ in range(n):
+      next(iterator)
+    _emit(config, "input", stage="stream_batches", split=split,
+          img_per_s=n * batch / (time.perf_counter() - start))  # fmt: skip
+    return
   start = time.perf_counter()
   data = input_pipeline.load_split(config, split)
   seconds = time.perf_counter() - start
@@ -183,8 +196,8 @@ def benchmark_input(config, split: str) -> None:
 
 
 def benchmark_epochs(config, multipliers: list[int], epochs: int) -> None:
-  """Wall time per training epoch (grain batches -> jitted step, as in `train`) on the training
-  split repeated k times, for each k: it should grow linearly with k."""
+  """Wall time per training epoch (grain batches -> jitted step, as in `train`, cache mode) on the
+  training split repeated k times, for each k: it should grow linearly with k."""
   base = input_pipeline.load_split(config, config.train_split)
   mesh = parallel.create_mesh()
   tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))

@@ -35,6 +35,13 @@ def test_benchmark_prints_every_measure(synthetic_data_dir):
   }
 
 
+def test_input_benchmark_in_stream_mode_times_streamed_batches(synthetic_data_dir):
+  records = _benchmark(synthetic_data_dir, "--steps=1", "--windows=1", "--input_split=val",
+                       "--input_mode=stream")  # fmt: skip
+  (record,) = [r for r in records if r["measure"] == "input"]
+  assert record["stage"] == "stream_batches" and record["img_per_s"] > 0
+
+
 @pytest.mark.parametrize("mode", ["cache", "stream"])
 def test_scaling_benchmark_prints_its_fields(synthetic_data_dir, mode):
   records = _benchmark(
