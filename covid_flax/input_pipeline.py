@@ -174,7 +174,8 @@ def resolve_input_mode(config: ml_collections.ConfigDict, split: str | None = No
   limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
   on_host = jax.local_devices()[0].platform == "cpu" or not all(limits)
   host_need = cache_bytes * (1 + jax.local_device_count() * on_host)
-  host_ok = host_need <= CACHE_MEMORY_SHARE * _host_available_bytes()
+  host_available = _host_available_bytes()
+  host_ok = host_need <= CACHE_MEMORY_SHARE * host_available
   device_ok = on_host or cache_bytes <= CACHE_MEMORY_SHARE * min(limits)
   stream = not (host_ok and device_ok)
   if jax.process_count() > 1:
@@ -184,8 +185,7 @@ def resolve_input_mode(config: ml_collections.ConfigDict, split: str | None = No
     "input_mode=auto -> %s: the %d images of %s take %.2f GB as a cache (x%d devices); "
     "host needs %.2f GB of %.2f GB available, smallest device %s (share %.1f)",
     mode, n, split or config.train_split, cache_bytes / 1e9, jax.local_device_count(),
-    host_need / 1e9,
-    _host_available_bytes() / 1e9,
+    host_need / 1e9, host_available / 1e9,
     "is the host" if on_host else f"has {min(limits) / 1e9:.2f} GB", CACHE_MEMORY_SHARE,
   )  # fmt: skip
   return mode

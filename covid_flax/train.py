@@ -207,16 +207,12 @@ def make_parallel_steps(
   on `data`. The train step is (state, cache, batch), or (state, batch) when `streamed`."""
   train_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config)
   if streamed:
-    p_train = jax.shard_map(
-      lambda state, batch: train_fn(state, None, batch),
-      mesh=mesh,
-      in_specs=(P(), P(DATA_AXIS)),
-      out_specs=(P(), P()),
-    )
+    train_fn, cache_spec = lambda state, batch, fn=train_fn: fn(state, None, batch), ()
   else:
-    p_train = jax.shard_map(
-      train_fn, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=(P(), P())
-    )
+    cache_spec = (P(),)
+  p_train = jax.shard_map(
+    train_fn, mesh=mesh, in_specs=(P(), *cache_spec, P(DATA_AXIS)), out_specs=(P(), P())
+  )
   p_eval = jax.shard_map(
     functools.partial(eval_step, graphdef=graphdef, config=config),
     mesh=mesh,

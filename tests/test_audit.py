@@ -1,11 +1,12 @@
-"""The leakage audit at scale: blocked pair search and pairs within one patient left unlisted."""
+"""The leakage audit (shared by every real builder): duplicate pairs and test exclusions, the
+blocked pair search at scale, pairs within one patient left unlisted, and `ordered_map`."""
 
 import numpy as np
 import pytest
+from helpers import smooth_image
 from PIL import Image
 
 from covid_flax.datasets import audit
-from tests.helpers import smooth_image
 
 
 def _record(key, split, label, patient, image):
@@ -23,6 +24,33 @@ def _records():
     _record("o1", "train", "non_covid", "p2", other),
     _record("o2", "train", "covid", "p3", other.copy()),  # Another patient: listed.
   ] + [_record(f"n{i}", "val", "covid", f"q{i}", smooth_image(10 + i)) for i in range(9)]
+
+
+def test_audit_pairs_and_exclusions():
+  base = smooth_image(1)
+  records = [
+    _record("a", "train", "covid", "p1", base),
+    _record("b", "test", "non_covid", "p2", base.resize((96, 72), Image.Resampling.BILINEAR)),
+    _record("c", "test", "covid", "p3", base.copy()),  # Exact duplicate of 'a'.
+    _record("d", "val", "covid", "p4", smooth_image(2)),
+  ] + [_record(f"n{i}", "train", "covid", f"q{i}", smooth_image(10 + i)) for i in range(30)]
+  pairs, not_listed = audit.find_duplicate_pairs(records)
+  assert not_listed == 0
+  found = {(p["a"]["key"], p["b"]["key"]): p["kind"] for p in pairs}
+  assert found == {("a", "b"): "near", ("a", "c"): "exact", ("b", "c"): "near"}
+  assert set(audit.test_exclusions(pairs)) == {"b", "c"}
+  report = audit.build_report(
+    dataset="x",
+    version="1",
+    config={},
+    records=records,
+    pairs=pairs,
+    excluded=audit.test_exclusions(pairs),
+    build={},
+  )
+  assert report["summary"]["cross_split_involving_test"] == 2
+  assert "test" not in report["splits"]
+  assert "2 test images excluded" in audit.summary_lines(report)[0]
 
 
 def _keys(pairs):
@@ -89,3 +117,10 @@ def test_ordered_map_keeps_order_bounds_the_window_and_raises_in_order():
   with pytest.raises(ValueError, match="item 30"):
     next(results)
   assert list(common.ordered_map(square, [3, 4], workers=1)) == [9, 16]
+
+
+def test_ordered_map_in_worker_processes_keeps_order():
+  from covid_flax.datasets import common
+
+  got = list(common.ordered_map(abs, [-3, 1, -4, 1, -5], workers=2, processes=True))
+  assert got == [3, 1, 4, 1, 5]

@@ -377,40 +377,6 @@ def test_covid_part_downloads_without_network(tree, tmp_path, monkeypatch):
   assert builder.info.splits["train"].num_examples > 0
 
 
-# --- audit (shared by both builders) ---------------------------------------------------------------------------------------
-
-
-def _record(key, split, label, patient, image):
-  return audit.ImageRecord(key, split, label, patient, audit.fingerprint(image))
-
-
-def test_audit_pairs_and_exclusions():
-  base = smooth_image(1)
-  records = [
-    _record("a", "train", "covid", "p1", base),
-    _record("b", "test", "non_covid", "p2", base.resize((96, 72), Image.Resampling.BILINEAR)),
-    _record("c", "test", "covid", "p3", base.copy()),  # Exact duplicate of 'a'.
-    _record("d", "val", "covid", "p4", smooth_image(2)),
-  ] + [_record(f"n{i}", "train", "covid", f"q{i}", smooth_image(10 + i)) for i in range(30)]
-  pairs, not_listed = audit.find_duplicate_pairs(records)
-  assert not_listed == 0
-  found = {(p["a"]["key"], p["b"]["key"]): p["kind"] for p in pairs}
-  assert found == {("a", "b"): "near", ("a", "c"): "exact", ("b", "c"): "near"}
-  assert set(audit.test_exclusions(pairs)) == {"b", "c"}
-  report = audit.build_report(
-    dataset="x",
-    version="1",
-    config={},
-    records=records,
-    pairs=pairs,
-    excluded=audit.test_exclusions(pairs),
-    build={},
-  )
-  assert report["summary"]["cross_split_involving_test"] == 2
-  assert "test" not in report["splits"]
-  assert "2 test images excluded" in audit.summary_lines(report)[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # covid_cxr/adult: COVID-19 vs other adult lung disease, ieee8023 only.
 # ---------------------------------------------------------------------------------------------

@@ -330,8 +330,9 @@ def ordered_map(
   and encodes without the GIL, and on 2 cores threads measured 1.6x (audit) and 2.0x (PNG writing)
   over one thread, spawned processes 1.1x and 1.75x (their start-up and pickling). `processes=True`
   is for numpy-heavy Python that holds the GIL (the synthetic images); `fn` must then be a
-  module-level function, and workers are spawned (forking a process that runs JAX can deadlock).
-  An exception in `fn` is raised here, in order."""
+  module-level function. Workers are forked, or spawned once JAX has started its threaded
+  backends (a fork can then deadlock; spawning needs the `if __name__ == "__main__"` guard that the
+  entry points have). An exception in `fn` is raised here, in order."""
   workers = workers or os.cpu_count() or 1
   if workers == 1 or len(items) < 2:
     yield from map(fn, items)

@@ -7,7 +7,7 @@ Configs:
   * `covid_synthetic/cxr_n10000`, `cxr_n30000`, `cxr_n100000`: the cxr images at 256x256, with
     about N training images (N / 1.3 patients) and about 1,000 val and 1,000 test images: datasets
     too large for a device cache, for scaling runs without a download (`input_mode=stream`).
-    Generated on every core (spawned processes); 100,000 images take a few minutes.
+    Generated on every core (worker processes); 100,000 images take about 8 minutes on 2 cores.
 
 The positive class (`covid`) has patchy peripheral opacities of random strength and number, some
 of them faint; both classes have random anatomy, vessel markings, exposure and noise, so a small CNN
@@ -16,13 +16,12 @@ Every image is a pure function of (config, split, index): every user gets the sa
 """
 
 import dataclasses
-import io
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from covid_flax.datasets import common
+from covid_flax.datasets import common, image_io
 
 _NATIVE_SIZE = 128
 
@@ -182,9 +181,5 @@ _CHUNK = 256  # Images drawn per task.
 
 def _draw_pngs(arguments: list[tuple[str, int, int, int]]) -> list[bytes]:
   """PNG bytes of `draw_image(*a)` for each `a` (module level: runs in worker processes)."""
-  out = []
-  for a in arguments:
-    buffer = io.BytesIO()
-    Image.fromarray(draw_image(*a), mode="L").save(buffer, format="PNG")
-    out.append(buffer.getvalue())
-  return out
+  # PIL's default zlib level (6), not the builders' fast 1: smaller files for 100k images.
+  return [image_io.encode_png(Image.fromarray(draw_image(*a), mode="L"), 6) for a in arguments]
