@@ -30,7 +30,10 @@ setuptools.setup(
     "pydicom>=3.0",
     "python-gdcm>=3.0.22",  # pydicom's decoder for compressed DICOM (JPEG lossless, JPEG-LS, J2K)
     "openpyxl>=3.1",
+    # oneDNN (CPU only, GNU OpenMP) for covid_flax/cpu_conv; without it the CPU runs XLA's convs.
+    'onednn-cpu-gomp==2023.2.0; platform_system == "Linux" and platform_machine == "x86_64"',
   ],
+  package_data={"covid_flax.cpu_conv": ["*.cc"]},
   extras_require={
     "dev": ["pytest>=8.0", "ruff>=0.6"],
     "cuda": ["jax[cuda12]"],

@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.equalize = False
   # Keep only the typical lung fields of a frontal chest X-ray (`image_prep.lung_field_mask`:
   # two fixed ellipses; the rest is set to black), after the crop: removes corner text, markers and
-  # borders. A documented prior, not a segmentation: for CXR ablations, not for CT.
+  # borders. A documented prior, not a segmentation: for CXR ablations. With ct_crop: black outside
+  # the lungs that `ct_crop` finds (closed, holes filled), equalised over them.
   config.lung_mask = False
   # Crop each CT slice to its lungs (`covid_flax.ct_crop`: thresholds and connected components),
   # black outside the body, so page margins, captions, insets, the table and the air around the
@@ -69,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "seed_cnn"  # One of covid_flax.models.MODELS.
   config.dropout_rate = 0.25
   config.half_precision = False  # bfloat16 compute, float32 params.
+  # Convolutions on the CPU: 'onednn' (covid_flax/cpu_conv: oneDNN kernels behind jax.ffi, built on
+  # first use; XLA's where they cannot load, with a log line) or 'xla'. Other backends: always XLA.
+  config.cpu_conv = "onednn"
   # Start from pretrained weights: a `covid_flax.pretrain` workdir (its encoder), or a safetensors
   # file of torchvision/timm/torchxrayvision weights for resnet18/resnet50/densenet121/densenet169
   # (every variable; the classifier head replaced). docs/transfer.md.

@@ -15,6 +15,7 @@ LR_SCHEDULES = ("cosine", "constant")
 NAN_POLICIES = ("stop", "skip")
 INPUT_NORMS = ("default", "imagenet", "xrv")
 INPUT_MODES = ("auto", "cache", "stream")
+CPU_CONVS = ("onednn", "xla")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop",
@@ -55,6 +56,7 @@ ADDED_FIELDS = {
   "ct_window_center": -600.0,
   "ct_window_width": 1500.0,
   "input_mode": "auto",
+  "cpu_conv": "xla",
 }
 
 
@@ -133,6 +135,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "model": (str, _ANY),
   "dropout_rate": ((int, float), _range(0, 1)),
   "half_precision": (bool, _ANY),
+  "cpu_conv": (str, _in(*CPU_CONVS)),
   "init_from": (str, _ANY),
   "input_norm": (str, _in(*INPUT_NORMS)),
   "backbone_lr_scale": ((int, float), _range(0, 10)),
@@ -208,10 +211,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "
       f"it must be 0..{config.cv_folds - 1}"
     )
-  if config.ct_crop and (config.center_crop < 1.0 or config.lung_mask):
+  if config.ct_crop and config.center_crop < 1.0:
     raise ConfigError(
       f"config.ct_crop=True crops to the lungs itself; config.center_crop={config.center_crop} "
-      f"and config.lung_mask={config.lung_mask} would be ignored: leave them at 1.0 and False"
+      "would be ignored: leave it at 1.0"
     )
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):

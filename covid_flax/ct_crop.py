@@ -33,6 +33,7 @@ _FRAME_BORDER_FRACTION = 0.6  # A bright component on this much of the border is
 _OPENING_FRACTION = 0.01  # Radius of the opening disk, as a fraction of the image's shorter side.
 _MARGIN_FRACTION = 0.05  # Kept around the lungs' bounding box, as a fraction of its size.
 _MIN_CROP_FRACTION = 0.6  # Of the body's box on each axis (a slice low in the chest: small lungs).
+_LUNG_CLOSING_FRACTION = 0.04  # `lungs_only`: closing radius that takes in opacities at the pleura.
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -48,12 +49,16 @@ def otsu_threshold(values: np.ndarray) -> float:
   return float(np.argmax(between[:-1]))
 
 
+def _disk(radius: int) -> np.ndarray:
+  y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+  return x**2 + y**2 <= radius**2
+
+
 def _open(mask: np.ndarray) -> np.ndarray:
   """`mask` opened with a disk; what touches the image border is not eroded away there."""
   radius = max(1, round(_OPENING_FRACTION * min(mask.shape)))
-  y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
   padded = np.pad(mask, radius, mode="edge")
-  opened = ndimage.binary_opening(padded, structure=x**2 + y**2 <= radius**2)
+  opened = ndimage.binary_opening(padded, structure=_disk(radius))
   return opened[radius:-radius, radius:-radius]
 
 
@@ -116,18 +121,32 @@ def _box(mask: np.ndarray, outer: np.ndarray) -> tuple[slice, slice]:
   return box[0], box[1]
 
 
-def crop_to_lungs(image: np.ndarray, equalize: bool = False) -> np.ndarray:
-  """(H, W) uint8 -> the lungs' bounding box (see the module docstring), black outside the body;
-  the grey levels equalised over the body's pixels if `equalize`."""
+def lung_fields(lungs: np.ndarray) -> np.ndarray:
+  """`lungs` closed with a disk and its holes filled: the dark lung plus the opacities inside and
+  along it (consolidation and dense ground glass are brighter than the threshold that found the
+  lungs, so they are holes or bays in `lungs`)."""
+  radius = max(1, round(_LUNG_CLOSING_FRACTION * min(lungs.shape)))
+  padded = np.pad(lungs, radius)
+  closed = ndimage.binary_closing(padded, structure=_disk(radius))[radius:-radius, radius:-radius]
+  return ndimage.binary_fill_holes(closed | lungs)
+
+
+def crop_to_lungs(
+  image: np.ndarray, equalize: bool = False, lungs_only: bool = False
+) -> np.ndarray:
+  """(H, W) uint8 -> the lungs' bounding box (see the module docstring), black outside the body
+  (outside `lung_fields` if `lungs_only`); the grey levels equalised over the pixels kept if
+  `equalize`."""
   image = np.asarray(image, np.uint8)
   body = body_mask(image)
   if body is None:
     body = np.ones(image.shape, bool)
   lungs = lungs_mask(image, body)
-  if equalize:  # The body's cumulative histogram onto 1..255; 0 stays the background's black
+  keep = lung_fields(lungs) if lungs_only and lungs is not None else body
+  if equalize:  # The kept pixels' cumulative histogram onto 1..255; 0 stays the background's black
     # (PIL's ImageOps.equalize with a mask would send the body's darkest pixels to 0 as well).
-    cdf = np.cumsum(np.bincount(image[body], minlength=256)).astype(np.float64)
+    cdf = np.cumsum(np.bincount(image[keep], minlength=256)).astype(np.float64)
     image = np.round(1 + 254 * cdf / cdf[-1]).astype(np.uint8)[image]
-  image = np.where(body, image, 0).astype(np.uint8)
+  image = np.where(keep, image, 0).astype(np.uint8)
   rows, cols = _box(lungs if lungs is not None else body, body)
   return image[rows, cols]

@@ -40,10 +40,11 @@ def resize(
   side, stretched to a square (no padding, which would add borders that differ by source), its
   grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
   `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
-  any, over the body only)."""
+  any, over the body only; with `lung_mask` black outside the lungs it finds, equalised over them)."""
   image = np.asarray(image).reshape(image.shape[0], image.shape[1])
   if ct_crop:
-    image, equalize = ct_crop_lib.crop_to_lungs(image, equalize), False
+    image = ct_crop_lib.crop_to_lungs(image, equalize, lungs_only=lung_mask)
+    equalize = lung_mask = False
   pil = Image.fromarray(image, mode="L")
   if center_crop < 1.0:
     w, h = pil.size

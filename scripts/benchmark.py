@@ -43,7 +43,9 @@ flags.DEFINE_integer("image_size", None, "Override config.image_size.")
 flags.DEFINE_integer("batch_size", None, "Override config.batch_size (global).")
 flags.DEFINE_integer("steps", 10, "Steps per timing window.")
 flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
-flags.DEFINE_enum("reference", None, ["keras"], "Also time a reference implementation.")
+flags.DEFINE_multi_enum("reference", [], ["keras", "xla"], "Also time a reference: 'keras' (the "
+                        "same CNN in Keras, mixed_bfloat16 when half_precision), 'xla' (ours with "
+                        "config.cpu_conv='xla'). Repeatable.")  # fmt: skip
 flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the training split "
                   "repeated k times, for each k of this list (e.g. 1,2,4).")  # fmt: skip
 flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
@@ -83,12 +85,26 @@ def _windows(step_fn, n_windows: int, steps: int, batch: int):
   return rates
 
 
-def benchmark_train_eval(config, reference=None) -> None:
-  mesh = parallel.create_mesh()
+def _jax_steps(config, mesh, cache, device_batch):
+  """Our compiled train step (a closure over its state) and eval step, for `config`."""
   tx = optim.create_optimizer(config, 100, 10_000, models.head_modules(config.model))
   graphdef, state = train.create_train_state(config, tx)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  holder = {"state": jax.device_put(state, parallel.replicated(mesh))}
   p_train, p_eval = train.make_parallel_steps(mesh, graphdef, tx, config)
+  start = time.perf_counter()
+  compiled = p_train.lower(holder["state"], cache, device_batch).compile()
+  _emit(config, "compile", seconds=time.perf_counter() - start, what="train_step",
+        cpu_conv=config.cpu_conv)  # fmt: skip
+
+  def train_step():
+    holder["state"], metrics = compiled(holder["state"], cache, device_batch)
+    return metrics["loss"]
+
+  return train_step, lambda batch: p_eval(holder["state"], batch)[0]
+
+
+def benchmark_train_eval(config, references=()) -> None:
+  mesh = parallel.create_mesh()
   rng = np.random.default_rng(0)
   size, batch = config.image_size, config.batch_size
   data = input_pipeline.SplitData(  # 4 batches of random images, device-resident like training.
@@ -102,41 +118,41 @@ def benchmark_train_eval(config, reference=None) -> None:
   device_batch = parallel.global_batch(mesh, host)
   eval_batch = parallel.global_batch(mesh, {"image": data.images[:batch], "label": host["label"]})
 
-  start = time.perf_counter()
-  compiled = p_train.lower(state, cache, device_batch).compile()
-  _emit(config, "compile", seconds=time.perf_counter() - start, what="train_step")
+  ours, ours_eval = _jax_steps(config, mesh, cache, device_batch)
+  steps = {"ours": ours}
+  for name in references:
+    if name == "keras":
+      steps[name] = _keras_step(config)
+    else:
+      xla_config = config.copy_and_resolve_references()
+      xla_config.cpu_conv = "xla"
+      steps[name] = _jax_steps(xla_config, mesh, cache, device_batch)[0]
+  rates = {name: [] for name in steps}
+  for step in steps.values():
+    jax.block_until_ready(step())  # warm-up
+  for _ in range(FLAGS.windows):  # Alternate windows so all see the same machine state.
+    for name, step in steps.items():
+      rates[name] += _windows(step, 1, FLAGS.steps, batch)
+  img_s = statistics.median(rates["ours"])
+  _emit(config, "train", cpu_conv=config.cpu_conv, img_per_s=img_s, step_ms=1000 * batch / img_s,
+        windows=[round(r, 2) for r in rates["ours"]])  # fmt: skip
+  for name in references:
+    ref = statistics.median(rates[name])
+    _emit(config, "train_reference", reference=name, img_per_s=ref, step_ms=1000 * batch / ref,
+          windows=[round(r, 2) for r in rates[name]], ratio=img_s / ref)  # fmt: skip
 
-  holder = {"state": state}
-
-  def ours():
-    holder["state"], metrics = compiled(holder["state"], cache, device_batch)
-    return metrics["loss"]
-
-  keras_step = _keras_step(config) if reference == "keras" else None
-  jax.block_until_ready(ours())  # warm-up
-  if keras_step:
-    keras_step()
-  ours_rates, ref_rates = [], []
-  for _ in range(FLAGS.windows):  # Alternate windows so both see the same machine state.
-    ours_rates += _windows(ours, 1, FLAGS.steps, batch)
-    if keras_step:
-      ref_rates += _windows(keras_step, 1, FLAGS.steps, batch)
-  img_s = statistics.median(ours_rates)
-  _emit(config, "train", img_per_s=img_s, step_ms=1000 * batch / img_s,
-        windows=[round(r, 2) for r in ours_rates])  # fmt: skip
-  if keras_step:
-    ref = statistics.median(ref_rates)
-    _emit(config, "train_reference", reference="keras", img_per_s=ref, step_ms=1000 * batch / ref,
-          windows=[round(r, 2) for r in ref_rates], ratio=img_s / ref)  # fmt: skip
-
-  eval_rates = _windows(lambda: p_eval(holder["state"], eval_batch)[0], FLAGS.windows + 1,
-                        FLAGS.steps, batch)[1:]  # fmt: skip
+  eval_rates = _windows(lambda: ours_eval(eval_batch), FLAGS.windows + 1, FLAGS.steps, batch)[1:]
   _emit(config, "eval", img_per_s=statistics.median(eval_rates))
 
 
 def _keras_step(config):
   """One Keras train step of the study's CNN (same layers, batch, optimizer), on random data."""
   import tensorflow as tf  # Optional: pip install -e ".[bench]"
+
+  # Keras at our precision: bfloat16 compute, float32 variables, like config.half_precision.
+  tf.keras.mixed_precision.set_global_policy(
+    "mixed_bfloat16" if config.half_precision else "float32"
+  )
 
   if config.model != "seed_cnn":
     raise app.UsageError("--reference=keras is defined for the study's model, --model=seed_cnn")
@@ -151,7 +167,7 @@ def _keras_step(config):
       layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(),
       layers.Dropout(config.dropout_rate),
       layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dropout(0.5),
-      layers.Dense(2),
+      layers.Dense(2, dtype="float32"),
   ])  # fmt: skip
   model.compile(
     optimizer=tf.keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),

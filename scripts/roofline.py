@@ -1,10 +1,12 @@
 """CPU roofline for the study CNN: peak matrix-product GFLOP/s, and each convolution's speed.
 
   python scripts/roofline.py [--image_size=128] [--batch_size=32] [--dtype=float32]
+      [--cpu_conv=xla,onednn]
 
 Prints one JSON object per line: `matmul` (a 2048^3 product, float32 and bfloat16) and, for each of
 the seed CNN's four 3x3 convolutions at this image size, the median ms and GFLOP/s of its forward
-pass, input gradient and weight gradient, each jitted alone. Together with `benchmark.py` this says
+pass, input gradient and weight gradient, each jitted alone, on each convolution path of
+`--cpu_conv` (XLA's, or covid_flax/cpu_conv's oneDNN kernel), layer by layer. Together with `benchmark.py` this says
 how far the train step is from what the machine can do (README, "Performance"). Run it with the
 XLA flags under test in XLA_FLAGS; `covid_flax.xla_flags` defaults apply unless COVID_FLAX_XLA_DEFAULTS=0.
 """
@@ -20,12 +22,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from covid_flax import xla_flags  # noqa: E402
+from covid_flax import cpu_conv, xla_flags  # noqa: E402
 
 flags.DEFINE_integer("image_size", 128, "Input image size of the seed CNN.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Convolution dtype.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measure (the median is reported).")
+flags.DEFINE_list("cpu_conv", ["xla"], "Convolution paths to time: xla, onednn.")
 FLAGS = flags.FLAGS
 
 
@@ -39,10 +42,10 @@ def _median_seconds(fn, *args) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def _conv(x, w):
-  return jax.lax.conv_general_dilated(
-    x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
+def _conv_on(path: str):
+  conv = cpu_conv.conv_general_dilated if path == "onednn" else jax.lax.conv_general_dilated
+  dimension_numbers = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return lambda x, w: conv(x, w, (1, 1), "VALID", dimension_numbers=dimension_numbers)
 
 
 def _seed_cnn_convs(size: int) -> list[tuple[int, int, int]]:
@@ -65,28 +68,33 @@ def main(argv):
     record = {"measure": "matmul", "n": 2048, "dtype": jnp.dtype(dtype).name}
     print(json.dumps({**record, "gflop_s": round(2 * 2048**3 / seconds / 1e9, 1)}), flush=True)
   dtype = jnp.dtype(FLAGS.dtype)
+  if "onednn" in FLAGS.cpu_conv and (reason := cpu_conv.unavailable_reason()):
+    raise app.UsageError(f"--cpu_conv=onednn: {reason}")
   for size, cin, cout in _seed_cnn_convs(FLAGS.image_size):
     x = jax.random.normal(key, (FLAGS.batch_size, size, size, cin), dtype)
     w = jax.random.normal(key, (3, 3, cin, cout), dtype) * 0.1
-    g = _conv(x, w)
-    passes = {
-      "forward": (jax.jit(_conv), (x, w)),
-      "input_grad": (
-        jax.jit(lambda x, w, g: jax.vjp(lambda x: _conv(x, w), x)[1](g)[0]),
-        (x, w, g),
-      ),
-      "weight_grad": (
-        jax.jit(lambda x, w, g: jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]),
-        (x, w, g),
-      ),
-    }
     flop = 2 * FLAGS.batch_size * (size - 2) ** 2 * cin * cout * 9
-    record = {"measure": "conv", "layer": f"{cin}->{cout}@{size}", "dtype": dtype.name}
-    for name, (fn, args) in passes.items():
-      seconds = _median_seconds(fn, *args)
-      record[f"{name}_ms"] = round(seconds * 1e3, 1)
-      record[f"{name}_gflop_s"] = round(flop / seconds / 1e9, 1)
-    print(json.dumps(record), flush=True)
+    for path in FLAGS.cpu_conv:
+      conv = _conv_on(path)
+      g = conv(x, w)
+      passes = {
+        "forward": (jax.jit(conv), (x, w)),
+        "input_grad": (
+          jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
+          (x, w, g),
+        ),
+        "weight_grad": (
+          jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]),
+          (x, w, g),
+        ),
+      }
+      record = {"measure": "conv", "layer": f"{cin}->{cout}@{size}", "dtype": dtype.name,
+                "cpu_conv": path}  # fmt: skip
+      for name, (fn, args) in passes.items():
+        seconds = _median_seconds(fn, *args)
+        record[f"{name}_ms"] = round(seconds * 1e3, 1)
+        record[f"{name}_gflop_s"] = round(flop / seconds / 1e9, 1)
+      print(json.dumps(record), flush=True)
   print(json.dumps({"measure": "environment", "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind}))  # fmt: skip
 

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from configs import default
 from covid_flax import ct_crop, image_prep, preprocess
@@ -92,6 +93,29 @@ def test_a_slice_cropped_inside_the_body_is_all_body():
   lungs = ct_crop.lungs_mask(clinical, ct_crop.body_mask(clinical))
   _, truth, _ = _anatomy(clinical.shape, 80, 100, 2.0)
   assert (lungs & truth).sum() / (lungs | truth).sum() > 0.9
+
+
+def test_lung_fields_keep_the_lungs_with_their_opacity_and_nothing_else():
+  figure = paper_figure()
+  body, lungs, patch = _anatomy(figure.shape, 110, 130, 1.6)
+  fields = ct_crop.lung_fields(ct_crop.lungs_mask(figure, ct_crop.body_mask(figure)))
+  assert fields[lungs].mean() > 0.97 and fields[patch & lungs].all()  # Ground glass included.
+  near = ndimage.binary_dilation(lungs, iterations=12)  # The closing may round concave bays.
+  assert fields[~near].sum() == 0
+  only = ct_crop.crop_to_lungs(figure, equalize=True, lungs_only=True)
+  with_body = ct_crop.crop_to_lungs(figure, equalize=True)
+  assert only.shape == with_body.shape  # Same box: the lungs'.
+  assert (only > 0).sum() < 0.8 * (with_body > 0).sum()  # The tissue around them is black.
+  assert only.max() == 255  # Equalised over the lungs: their brightest pixels reach white.
+
+
+def test_lung_mask_with_ct_crop_keeps_the_lungs_it_finds():
+  config = default.get_config()
+  config.image_size, config.equalize, config.ct_crop, config.lung_mask = 48, True, True, True
+  image = paper_figure()
+  expected = Image.fromarray(ct_crop.crop_to_lungs(image, equalize=True, lungs_only=True))
+  expected = expected.resize((48, 48), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  np.testing.assert_array_equal(image_prep.prepare_image(image, config)[..., 0], expected)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from covid_flax import models
+from covid_flax.models.dropout import Dropout
 from covid_flax.models.pooling import max_pool
 
 
@@ -71,3 +72,16 @@ def test_each_halving_of_the_resnet18_width_quarters_the_weights():
 def test_unknown_model_names_the_choices():
   with pytest.raises(ValueError, match="config.model='vgg'.*resnet18"):
     models.create_model("vgg", image_size=64, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rate, keep", [(0.25, 0.75), (0.5, 0.5), (0.2, 204 / 256)])
+def test_dropout_keeps_its_quantised_share_and_the_expectation(rate, keep):
+  x = jnp.ones((64, 33, 17, 8), jnp.bfloat16)  # A size that is no multiple of 4.
+  out = Dropout(rate)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  assert out.dtype == x.dtype and out.shape == x.shape
+  kept = np.asarray(out, np.float32) > 0
+  assert abs(kept.mean() - keep) < 0.005  # 287k draws: the standard error is ~0.001.
+  np.testing.assert_allclose(np.asarray(out, np.float32)[kept], 1 / keep, rtol=1e-2)
+  again = Dropout(rate)(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  assert (kept != (np.asarray(again, np.float32) > 0)).mean() > 0.2  # Another key, another mask.
+  assert Dropout(rate)(x, deterministic=True) is x

@@ -31,7 +31,8 @@ def _run(config, mesh, data, batches, streamed=False):
 @pytest.mark.parametrize(
   "model,recipe,streamed",
   [
-    ("tiny_cnn", {}, False),
+    ("tiny_cnn", {}, False),  # Convolutions on oneDNN where it loads (the default), ...
+    ("tiny_cnn", dict(cpu_conv="xla"), False),  # ... and on XLA.
     ("seed_cnn", {}, False),
     ("tiny_cnn", dict(mixup_alpha=0.4, cutmix_alpha=1.0), False),
     # SAM's ascent uses the global gradient: a per-device one would make 8 devices differ.

@@ -167,5 +167,6 @@ def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
 
 
 def test_kept_ct_results_exist():
-  assert [p.name for p in _KEPT_CT] == ["crop_app_seed0_probe", "crop_app_seed0_test",
+  assert [p.name for p in _KEPT_CT] == ["bf16_onednn_seed0_probe", "bf16_onednn_seed0_test",
+                                        "crop_app_seed0_probe", "crop_app_seed0_test",
                                         "old_seed0_probe", "old_seed0_test"]  # fmt: skip

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from covid_flax import cpu_conv
 from covid_flax.models.densenet import DenseNet121, DenseNet169
 from covid_flax.models.resnet import ResNet18, ResNet18Narrow, ResNet18Quarter, ResNet50
 from covid_flax.models.seed_cnn import SeedCNN
@@ -54,11 +55,12 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 
 def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """The classifier `config` describes (model, image size, dropout, precision, input norm)."""
+  """The classifier `config` describes (model, image size, dropout, precision, input norm), its
+  convolutions on oneDNN where config.cpu_conv says so and it can (`cpu_conv.use_onednn`)."""
   transfer_kwargs = {}
   if config.get("input_norm", "default") != "default" or config.get("freeze_bn_stats", False):
     transfer_kwargs = dict(input_norm=config.input_norm, frozen_bn=config.freeze_bn_stats)
-  return create_model(
+  model = create_model(
     config.model,
     image_size=config.image_size,
     num_classes=NUM_CLASSES,
@@ -67,3 +69,5 @@ def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
     rngs=nnx.Rngs(seed),
     **transfer_kwargs,
   )
+  cpu_conv.use_onednn(model, config.get("cpu_conv", "xla"))
+  return model

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covid_flax.models import inputs
+from covid_flax.models.dropout import Dropout
 from covid_flax.models.pooling import max_pool
 
 _he_normal = nnx.initializers.he_normal()  # torchvision's kaiming_normal_ (fan in, ReLU gain).
@@ -96,7 +97,7 @@ class DenseNet(nnx.Module):
         c //= 2
     self.blocks, self.transitions = nnx.List(blocks), nnx.List(transitions)
     self.norm5 = bn(c)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.out = nnx.Linear(c, num_classes, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
   def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covid_flax.models import inputs
+from covid_flax.models.dropout import Dropout
 
 
 class _ConvBN(nnx.Module):
@@ -94,7 +95,7 @@ class ResNet(nnx.Module):
         self.block_names.append(f"layer{stage + 1}.{b}")
         cin = block.cout
     self.blocks = nnx.List(blocks)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.out = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
   def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):

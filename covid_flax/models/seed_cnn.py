@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from covid_flax.models.dropout import Dropout
 from covid_flax.models.pooling import max_pool
 
 
@@ -30,8 +31,8 @@ class SeedCNN(nnx.Module):
   ):
     conv = lambda i, o: nnx.Conv(i, o, (3, 3), padding="VALID", dtype=dtype, rngs=rngs)  # noqa: E731
     self.convs = nnx.List([conv(1, 32), conv(32, 64), conv(64, 64), conv(64, 128)])
-    self.dropout = nnx.Dropout(dropout_rate)
-    self.head_dropout = nnx.Dropout(0.5 if dropout_rate > 0 else 0.0)
+    self.dropout = Dropout(dropout_rate)
+    self.head_dropout = Dropout(0.5 if dropout_rate > 0 else 0.0)
     size = image_size - 4  # two valid convolutions
     for _ in range(2):
       size = (size // 2) - 2  # pool, then valid convolution

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from covid_flax.models.dropout import Dropout
+
 
 class TinyCNN(nnx.Module):
   HEAD_MODULES = ("out",)  # Used only by `head`: not transferred from pretraining.
@@ -21,7 +23,7 @@ class TinyCNN(nnx.Module):
     self.conv1 = nnx.Conv(1, 16, (3, 3), strides=(2, 2), dtype=dtype, rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), use_bias=False, dtype=dtype, rngs=rngs)
     self.bn = nnx.BatchNorm(32, momentum=0.9, axis_name="data", dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.out = nnx.Linear(64, num_classes, dtype=dtype, rngs=rngs)
 
   def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):

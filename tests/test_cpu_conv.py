@@ -1,0 +1,154 @@
+"""oneDNN convolutions (covid_flax/cpu_conv) equal lax's, forward and both gradients, for every
+convolution of every registry model, and the models really run on them where the kernel loads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_config
+from jax import lax
+
+from covid_flax import cpu_conv, models
+
+needs_onednn = pytest.mark.skipif(
+  cpu_conv.unavailable_reason() is not None,
+  reason=f"oneDNN kernel unavailable here: {cpu_conv.unavailable_reason()}",
+)
+
+
+def _registry_convolutions() -> set[tuple]:
+  """(in, out, kernel, strides, padding) of every nnx.Conv in the registry's models."""
+  found = set()
+  for name in models.MODELS:
+    model = nnx.eval_shape(lambda n=name: models.create_model(n, image_size=64, rngs=nnx.Rngs(0)))
+    for _, module in nnx.iter_graph(model):
+      if isinstance(module, nnx.Conv):
+        pad, strides = module.padding, module.strides or 1
+        if isinstance(pad, int):
+          pad = ((pad, pad),) * 2
+        elif not isinstance(pad, str):
+          pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+        found.add(
+          (module.in_features, module.out_features, tuple(module.kernel_size), strides, pad)
+        )
+  return found
+
+
+# Every registry convolution, channels cut to at most 8 (the geometry is what differs), plus the
+# cases no model has yet: 3 input channels, explicit asymmetric padding, dilation.
+_CASES = sorted(
+  {(min(i, 8), min(o, 8), k, s, p, (1, 1)) for i, o, k, s, p in _registry_convolutions()}
+  | {
+    (3, 8, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    (4, 5, (3, 3), (1, 1), ((0, 2), (1, 0)), (2, 2)),
+  },
+  key=str,
+)
+
+
+def _conv_and_grads(conv, x, w, strides, padding, dilation, out_dtype):
+  dimension_numbers = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  f = jax.jit(
+    lambda x, w: conv(
+      x, w, strides, padding, None, dilation, dimension_numbers, preferred_element_type=out_dtype
+    )
+  )
+  y, vjp = jax.vjp(f, x, w)
+  dy = jax.random.normal(jax.random.key(2), y.shape).astype(y.dtype)
+  return jax.block_until_ready((y, *vjp(dy)))
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+  "dtype, out_dtype",
+  [(jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)],
+  ids=["f32", "bf16", "bf16 to f32"],  # The last: how the models run bfloat16 on oneDNN.
+)
+@pytest.mark.parametrize("case", _CASES, ids=str)
+def test_forward_and_gradients_equal_lax(case, dtype, out_dtype):
+  cin, cout, kernel, strides, padding, dilation = case
+  x = jax.random.normal(jax.random.key(0), (3, 15, 14, cin)).astype(dtype)  # Odd and uneven.
+  w = jax.random.normal(jax.random.key(1), (*kernel, cin, cout)).astype(dtype)
+  calls = cpu_conv.calls()
+  args = (x, w, strides, padding, dilation, out_dtype)
+  ours = _conv_and_grads(cpu_conv.conv_general_dilated, *args)
+  assert cpu_conv.calls() == calls + 3, "forward, input and weight gradient each ran on oneDNN"
+  theirs = _conv_and_grads(lax.conv_general_dilated, *args)
+  # bfloat16: both round the same float32 sums to 8 bits of mantissa, so they may differ by about
+  # one rounding step of the largest values; float32: summation order only.
+  tolerance = 2**-7 if dtype == jnp.bfloat16 else 1e-5
+  for name, a, b in zip(("forward", "input gradient", "weight gradient"), ours, theirs):
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tolerance * np.abs(b).max(), name
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+  "kwargs",
+  [dict(lhs_dilation=(2, 2)), dict(feature_group_count=2)],
+  ids=["input dilation", "groups"],
+)
+def test_what_the_kernel_does_not_cover_falls_back_to_lax(kwargs):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4 // kwargs.get("feature_group_count", 1), 4))
+  w = w.astype(jnp.bfloat16)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def f(conv):
+    return jax.jit(
+      lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, **kwargs)
+    )
+
+  assert "covid_flax_onednn" not in f(cpu_conv.conv_general_dilated).lower(x, w).as_text()
+  np.testing.assert_array_equal(
+    f(cpu_conv.conv_general_dilated)(x, w), f(lax.conv_general_dilated)(x, w)
+  )
+
+
+@needs_onednn
+@pytest.mark.parametrize("half_precision", [False, True], ids=["f32", "bf16"])
+def test_a_models_train_step_runs_on_onednn_unless_told_xla(half_precision):
+  x = jax.random.normal(jax.random.key(0), (2, 40, 40, 1))
+
+  def lowered(cpu_conv_field):
+    config = tiny_config("", model="seed_cnn", image_size=40, half_precision=half_precision,
+                         cpu_conv=cpu_conv_field)  # fmt: skip
+    model = models.from_config(config)
+    loss = lambda m: jnp.sum(m(x))  # noqa: E731
+    return nnx.jit(nnx.grad(loss)), model
+
+  step, model = lowered("onednn")
+  calls = cpu_conv.calls()
+  jax.block_until_ready(step(model))
+  assert cpu_conv.calls() == calls + 4 * 3 - 1  # 4 layers x 3 passes, no image gradient.
+  step, model = lowered("xla")
+  jax.block_until_ready(step(model))
+  assert cpu_conv.calls() == calls + 11
+
+
+def test_no_compiler_means_xla_with_the_reason(tmp_path, monkeypatch):
+  try:
+    cpu_conv.libdnnl()
+  except cpu_conv.Unavailable as error:
+    pytest.skip(str(error))
+  monkeypatch.setenv("COVID_FLAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+  with pytest.raises(cpu_conv.Unavailable, match="no C\\+\\+ compiler .*no-such-g\\+\\+"):
+    cpu_conv.build()
+  assert not list(tmp_path.glob("*.so"))  # Nothing half-built left behind.
+
+
+def test_use_onednn_says_which_path_runs():
+  model = models.create_model("tiny_cnn", image_size=40, rngs=nnx.Rngs(0))
+  assert cpu_conv.use_onednn(model, "xla") == "XLA (config.cpu_conv='xla')"
+  convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+  assert all(c.conv_general_dilated is lax.conv_general_dilated for c in convs)
+  path = cpu_conv.use_onednn(model, "onednn")
+  if cpu_conv.unavailable_reason() is None:
+    assert path == "oneDNN"
+    assert all(c.conv_general_dilated is cpu_conv.conv_general_dilated for c in convs)
+  else:
+    assert path == f"XLA (oneDNN unavailable: {cpu_conv.unavailable_reason()})"
