@@ -401,9 +401,8 @@ ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, const 
   return ffi::Error::Success();
 }
 
-// x, w -> y (forward); dy, w -> dx (input gradient); x, dy -> dw (weight gradient). The handler
-// always gets the two inputs and the output of its pass; the third array's shape comes from an
-// attribute-free rule: forward and input gradient know every shape from their operands and result.
+// x, w -> y (forward); dy, w -> dx (input gradient); x, dy -> dw (weight gradient): every pass
+// sees all three arrays' shapes in its two operands and its result.
 template <Kind kind>
 ffi::Error Conv(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
