@@ -6,7 +6,7 @@ import sys
 import pytest
 from helpers import REPO_ROOT
 
-from covid_flax import xla_flags
+from covid_flax import cpu_conv, xla_flags
 
 pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
@@ -29,6 +29,7 @@ def test_importing_the_package_starts_no_backend_and_sets_no_flags(modules):
 
 
 def test_cpu_defaults_are_added_unless_named_or_turned_off(monkeypatch):
+  monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: "no compiler")  # XLA's convolutions.
   flag = xla_flags.CPU_XLA_FLAGS[0]
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   xla_flags.use_cpu_defaults()
@@ -40,3 +41,10 @@ def test_cpu_defaults_are_added_unless_named_or_turned_off(monkeypatch):
   monkeypatch.setenv("COVID_FLAX_XLA_DEFAULTS", "0")
   xla_flags.use_cpu_defaults()
   assert xla_flags.os.environ["XLA_FLAGS"] == ""
+
+
+def test_no_cpu_defaults_when_the_convolutions_run_on_onednn(monkeypatch):
+  monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: None)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  xla_flags.use_cpu_defaults()
+  assert xla_flags.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
