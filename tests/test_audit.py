@@ -26,6 +26,12 @@ def _records():
   ] + [_record(f"n{i}", "val", "covid", f"q{i}", smooth_image(10 + i)) for i in range(9)]
 
 
+def _report(records, pairs, **kwargs):
+  excluded = audit.test_exclusions(pairs)
+  return audit.build_report(dataset="x", version="1", config={}, records=records, pairs=pairs,
+                            excluded=excluded, build={}, **kwargs)  # fmt: skip
+
+
 def test_audit_pairs_and_exclusions():
   base = smooth_image(1)
   records = [
@@ -39,15 +45,7 @@ def test_audit_pairs_and_exclusions():
   found = {(p["a"]["key"], p["b"]["key"]): p["kind"] for p in pairs}
   assert found == {("a", "b"): "near", ("a", "c"): "exact", ("b", "c"): "near"}
   assert set(audit.test_exclusions(pairs)) == {"b", "c"}
-  report = audit.build_report(
-    dataset="x",
-    version="1",
-    config={},
-    records=records,
-    pairs=pairs,
-    excluded=audit.test_exclusions(pairs),
-    build={},
-  )
+  report = _report(records, pairs)
   assert report["summary"]["cross_split_involving_test"] == 2
   assert "test" not in report["splits"]
   assert "2 test images excluded" in audit.summary_lines(report)[0]
@@ -85,16 +83,7 @@ def test_pairs_of_one_patient_class_and_split_are_counted_not_listed(monkeypatch
   assert same <= _keys(everything)
   assert _keys(listed) == _keys(everything) - same and not_listed == 3
   assert {("s1", "t1"), ("o1", "o2")} <= _keys(listed)  # Across splits or patients: kept.
-  report = audit.build_report(
-    dataset="x",
-    version="1",
-    config={},
-    records=records,
-    pairs=listed,
-    excluded=audit.test_exclusions(listed),
-    build={},
-    not_listed=not_listed,
-  )
+  report = _report(records, listed, not_listed=not_listed)
   assert report["summary"]["within_patient_pairs_not_listed"] == 3
   assert report["summary"]["excluded_from_test"] == 1
 

@@ -7,6 +7,8 @@ import sys
 import pytest
 from helpers import REPO_ROOT
 
+from covid_flax import cpu_conv
+
 pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
 
@@ -22,9 +24,15 @@ def _benchmark(data_dir: str, *extra: str) -> list[dict]:
 
 
 def test_benchmark_prints_every_measure(synthetic_data_dir):
-  records = _benchmark(synthetic_data_dir, "--steps=1", "--windows=2", "--input_split=val")
+  records = _benchmark(
+    synthetic_data_dir, "--steps=1", "--windows=2", "--input_split=val", "--reference=xla"
+  )
   measures = {r["measure"] for r in records}
   assert {"environment", "compile", "train", "eval", "input", "memory"} <= measures
+  reference = next(r for r in records if r["measure"] == "train_reference")
+  assert reference["reference"] == "xla" and len(reference["windows"]) == 2
+  assert reference["ratio"] > 0  # Ours (config.cpu_conv) over ours on XLA's convolutions.
+  assert {r["cpu_conv"] for r in records if r["measure"] == "compile"} == {"onednn", "xla"}
   for r in records:
     assert {"model", "image_size", "batch_size", "devices"} <= set(r)
   train = next(r for r in records if r["measure"] == "train")
@@ -62,13 +70,16 @@ def test_modes_ab_benchmark_prints_both_rates(synthetic_data_dir):
 
 
 def test_roofline_prints_matmul_peaks_and_every_convolution():
+  paths = ["xla"] + (["onednn"] if cpu_conv.unavailable_reason() is None else [])
   proc = subprocess.run(
-    [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1"],
+    [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1",
+     f"--cpu_conv={','.join(paths)}"],
     cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300,
   )  # fmt: skip
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert {r["dtype"] for r in records if r["measure"] == "matmul"} == {"float32", "bfloat16"}
   convs = [r for r in records if r["measure"] == "conv"]
-  assert [r["layer"] for r in convs] == ["1->32@20", "32->64@18", "64->64@8", "64->128@3"]
+  layers = ["1->32@20", "32->64@18", "64->64@8", "64->128@3"]
+  assert [(r["layer"], r["cpu_conv"]) for r in convs] == [(a, p) for a in layers for p in paths]
   for r in convs:
     assert all(r[f"{p}_gflop_s"] > 0 for p in ("forward", "input_grad", "weight_grad"))

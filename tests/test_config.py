@@ -31,6 +31,11 @@ def test_shipped_configs_are_valid(name):
     ("learning_rate", -1.0, "config.learning_rate=-1.0 is not allowed; it must be > 0"),
     ("nan_policy", "ignore", "config.nan_policy='ignore'"),
     ("input_mode", "disk", "config.input_mode='disk' is not allowed; it must be one of"),
+    (
+      "cpu_conv",
+      "mkl",
+      "config.cpu_conv='mkl' is not allowed; it must be one of ['onednn', 'xla']",
+    ),
     ("augment", 1, "config.augment=1 has type int"),
     ("image_size", 64.0, "config.image_size=64.0 has type float"),
     ("center_crop", 0.1, "config.center_crop=0.1 is not allowed; it must be >= 0.2 and <= 1"),

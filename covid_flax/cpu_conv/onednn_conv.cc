@@ -261,8 +261,8 @@ ffi::Error Lookup(Kind kind, const Geometry& g, const Primitive** out) {
   return ffi::Error::Success();
 }
 
-// Per-thread buffers for the reordered operands and the scratchpad, kept between calls: a fresh
-// allocation of a 100 MB activation would page-fault its way through every call.
+// Per-thread buffers for reordered operands (the weights, in oneDNN's layout) and the scratchpad,
+// kept between calls instead of allocated and page-faulted in every call.
 class Arena {
  public:
   void* Get(int slot, size_t bytes) {
