@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from covid_flax import config_lib, cross_validation, xla_flags
+from covid_flax import config_lib, cpu_defaults, cross_validation
 from covid_flax import main as cli
 
 FLAGS = flags.FLAGS
@@ -49,5 +49,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main, flags_parser=config_lib.parse_flags)

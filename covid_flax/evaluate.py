@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from covid_flax import (
   checkpointing,
   config_lib,
+  cpu_defaults,
   errors,
   gradcam,
   inference,
@@ -34,7 +35,6 @@ from covid_flax import (
   plots,
   report,
   subgroups,
-  xla_flags,
 )
 
 FLAGS = flags.FLAGS
@@ -206,5 +206,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -11,7 +11,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_flax import config_lib, errors, metric_writers, parallel, train, xla_flags
+from covid_flax import config_lib, cpu_defaults, errors, metric_writers, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -51,5 +51,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main, flags_parser=config_lib.parse_flags)

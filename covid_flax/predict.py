@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from covid_flax import config_lib, errors, inference, input_pipeline, xla_flags
+from covid_flax import config_lib, cpu_defaults, errors, inference, input_pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -55,5 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -22,14 +22,35 @@ def normalize(images: jax.Array) -> jax.Array:
 _BINOMIAL_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0  # numpy: no backend at import.
 
 
+def _downscale(image: jax.Array, factor: jax.Array, max_factor: float) -> jax.Array:
+  """(H, W) image resampled to 1/factor of its resolution (area-weighted) and back (bilinear)."""
+  size = image.shape
+  pad = int(np.ceil(max_factor)) + 1  # Edge pixels beyond the end, so no black seeps in there.
+  padded = jnp.pad(image, ((0, pad), (0, pad)), mode="edge")
+  resample = functools.partial(
+    jax.image.scale_and_translate, shape=padded.shape, spatial_dims=(0, 1),
+    translation=jnp.zeros(2), method="linear",
+  )  # fmt: skip
+  low = resample(padded, scale=jnp.full(2, 1.0 / factor), antialias=True)
+  return resample(low, scale=jnp.full(2, factor), antialias=False)[: size[0], : size[1]]
+
+
 def randomize_appearance(
   image: jax.Array, key: jax.Array, config: ml_collections.ConfigDict
 ) -> jax.Array:
-  """One (H, W) image with a random gamma, blur or sharpening, and noise (config.aug_gamma,
-  aug_sharpness, aug_noise): how a scanner, a window, a print and a re-encoding change an image's
-  look, which a model should not learn as the class."""
+  """One (H, W) image with a random resolution drop, display window, gamma, blur or sharpening,
+  and noise (config.aug_downscale, aug_window, aug_gamma, aug_sharpness, aug_noise): how a
+  scanner, a window, a print and a re-encoding change an image's look, which a model should not
+  learn as the class."""
   k_gamma, k_sharp, k_sigma, k_noise = jax.random.split(key, 4)
   bound = lambda k, b: jax.random.uniform(k, (), minval=-b, maxval=b)  # noqa: E731
+  if config.aug_downscale > 1:  # Keys folded in: runs without these fields keep their draws.
+    factor = jax.random.uniform(jax.random.fold_in(key, 11), (), minval=1.0,
+                                maxval=config.aug_downscale)  # fmt: skip
+    image = _downscale(image, factor, config.aug_downscale)
+  if config.aug_window:  # Grey levels [lo, 1 - cut] to [0, 1], clipped below: a print's window.
+    lo, cut = jax.random.uniform(jax.random.fold_in(key, 12), (2,), maxval=config.aug_window)
+    image = (image - lo) / (1.0 - cut - lo)
   image = jnp.clip(image, 0.0, 1.0) ** jnp.exp(bound(k_gamma, config.aug_gamma))
   padded = jnp.pad(image, 1, mode="edge")
   blurred = jax.scipy.signal.convolve2d(padded, _BINOMIAL_3X3, mode="valid")
@@ -67,7 +88,8 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     image = image + uniform(k_bright, config.aug_brightness)
     mean = image.mean()
     image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean
-    if config.aug_gamma or config.aug_sharpness or config.aug_noise:
+    fields = (config.aug_gamma, config.aug_sharpness, config.aug_noise, config.aug_window)
+    if any(fields) or config.aug_downscale > 1:
       # A key of its own: the draws above stay those of runs made before these fields existed.
       image = randomize_appearance(image, jax.random.fold_in(key, 7), config)
     return image[..., None]

@@ -9,7 +9,7 @@ checkpoint. See covid_flax/simclr.py.
 
 from absl import app
 
-from covid_flax import config_lib, simclr, xla_flags
+from covid_flax import config_lib, cpu_defaults, simclr
 from covid_flax import main as cli
 
 
@@ -18,5 +18,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -11,7 +11,8 @@ same bytes the input pipeline hands the step), through the real jitted, data-par
 on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
 warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
 tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
-process, alternating windows with ours, and prints the ratio. `--epoch_scaling=1,2,4` instead times
+process, alternating windows with ours, and prints the ratio (TF then shares our one malloc heap,
+`covid_flax/cpu_defaults.py`, and our windows scatter: time ours alone too). `--epoch_scaling=1,2,4` instead times
 whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4 times.
 `--scaling` measures one training setup as `train` runs it, real data and all (one per process,
 so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's img/s
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from covid_flax import input_pipeline, metric_writers, models, optim, parallel, train, xla_flags  # noqa: E402
+from covid_flax import cpu_defaults, input_pipeline, metric_writers, models, optim, parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/cxr.py", "Config to benchmark.")
@@ -351,5 +352,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()
+  cpu_defaults.apply()
   app.run(main)

@@ -8,7 +8,7 @@ the seed CNN's four 3x3 convolutions at this image size, the median ms and GFLOP
 pass, input gradient and weight gradient, each jitted alone, on each convolution path of
 `--cpu_conv` (XLA's, or covid_flax/cpu_conv's oneDNN kernel), layer by layer. Together with `benchmark.py` this says
 how far the train step is from what the machine can do (README, "Performance"). Run it with the
-XLA flags under test in XLA_FLAGS; `covid_flax.xla_flags` defaults apply unless COVID_FLAX_XLA_DEFAULTS=0.
+XLA flags under test in XLA_FLAGS; `covid_flax.cpu_defaults` apply unless COVID_FLAX_CPU_DEFAULTS=0.
 """
 
 import json
@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from covid_flax import cpu_conv, xla_flags  # noqa: E402
+from covid_flax import cpu_conv, cpu_defaults  # noqa: E402
 
 flags.DEFINE_integer("image_size", 128, "Input image size of the seed CNN.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -100,5 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla_flags.use_cpu_defaults()  # Before the backend starts.
+  cpu_defaults.apply()  # Before the backend starts.
   app.run(main)

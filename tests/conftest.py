@@ -14,9 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))  # For `import configs`.
 
-from covid_flax import xla_flags  # noqa: E402  (starts no JAX backend)
+from covid_flax import cpu_defaults  # noqa: E402  (starts no JAX backend)
 
-xla_flags.use_cpu_defaults()  # As the entry points do.
+cpu_defaults.apply()  # As the entry points do.
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -162,8 +162,9 @@ def test_appearance_randomisation_is_off_by_default_and_changes_images_when_on()
   images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
   keys = jax.random.split(jax.random.key(1), 4)
   np.testing.assert_allclose(preprocess.augment(images, keys, _config()), images, atol=1e-6)
-  for field in ("aug_gamma", "aug_sharpness", "aug_noise"):
-    out = preprocess.augment(images, keys, _config(**{field: 0.5}))
+  for field, value in [("aug_gamma", 0.5), ("aug_sharpness", 0.5), ("aug_noise", 0.5),
+                       ("aug_window", 0.3), ("aug_downscale", 3.0)]:  # fmt: skip
+    out = preprocess.augment(images, keys, _config(**{field: value}))
     assert np.abs(out - images).mean() > 1e-3, field
 
 
@@ -175,3 +176,23 @@ def test_gamma_keeps_the_order_of_grey_levels_and_the_range():
   flat = np.full((8, 8), 0.4)
   out = preprocess.randomize_appearance(flat, jax.random.key(0), _config(aug_sharpness=1.0))
   np.testing.assert_allclose(out, flat, atol=1e-6)  # Blur and sharpening leave flat areas alone.
+
+
+def test_window_stretches_and_clips_but_keeps_the_order_of_grey_levels():
+  ramp = np.linspace(0, 1, 64)[None].repeat(4, 0)
+  for seed in range(4):
+    out = np.asarray(preprocess.randomize_appearance(ramp, jax.random.key(seed),
+                                                     _config(aug_window=0.3)))  # fmt: skip
+    assert np.all(np.diff(out[0]) >= 0) and out.min() == 0 and out.max() == 1
+    assert np.any(out[0] == 0) and np.any(out[0] == 1)  # Both ends clipped, by at most 30 %.
+    assert 0.4 < np.mean(out[0] > 0.5) < 0.6 and np.sum(out[0] == 0) <= 0.3 * 64 + 1
+
+
+def test_downscale_blurs_detail_and_leaves_flat_images_and_edges_alone():
+  stripes = np.tile(np.arange(32) % 2, (32, 1)).astype(np.float32)
+  np.testing.assert_allclose(preprocess._downscale(stripes, 1.0, 4.0), stripes, atol=1e-6)
+  for factor in (1.5, 2.0, 3.7):
+    low = np.asarray(preprocess._downscale(stripes, factor, 4.0))
+    assert low.shape == stripes.shape and low[4:-4, 4:-4].std() < 0.5 * stripes.std(), factor
+    flat = np.asarray(preprocess._downscale(np.full((32, 32), 0.6), factor, 4.0))
+    np.testing.assert_allclose(flat, 0.6, atol=1e-5)  # No black seeps in at any border.

@@ -1,0 +1,52 @@
+"""Process settings measured to speed up this codebase's train steps on CPU (`scripts/benchmark.py`;
+the numbers are in docs/performance.md): an XLA flag for XLA's own convolutions, and glibc malloc
+settings that keep XLA's per-step buffers mapped. Each entry point applies them where the program
+starts, before JAX creates a backend (its first computation), never as a side effect of an import;
+COVID_FLAX_CPU_DEFAULTS=0 turns them off."""
+
+import ctypes
+import os
+
+# Faster convolutions on XLA, but with oneDNN's (covid_flax/cpu_conv, the default) the same flag
+# slows the step: seed CNN 128² float32 41.8 -> 40.5 img/s, bfloat16 57.2 -> 49.0 (AMD EPYC).
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+
+# XLA:CPU allocates each step's temporaries (541 MB for the seed CNN at 128², batch 32) and frees
+# them after it: glibc serves that from fresh mmaps, so every step page-faults 130 k pages in again.
+# One arena, no mmap below 1 GiB and no trimming keep such blocks mapped and reused: seed CNN 128²
+# float32 43.7 -> 53.0 img/s, page faults 2.06 M -> 0.43 M a run (AMD EPYC). Blocks past 1 GiB are
+# mapped afresh as before: reusing the seed CNN's at 224² from the one heap fragmented it (peak RSS
+# 2.8 -> 6.2 GB, 14.2 -> 11-12 img/s). mallopt parameter numbers from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def apply() -> None:
+  """Adds CPU_XLA_FLAGS to XLA_FLAGS where the convolutions will run on XLA (the oneDNN kernel
+  cannot be built or loaded here; with --config.cpu_conv=xla, add them to XLA_FLAGS yourself),
+  except those XLA_FLAGS already names (a flag given there wins), and sets MALLOC_SETTINGS where
+  the C library is glibc and the environment sets no MALLOC_* variable or GLIBC_TUNABLES."""
+  if os.environ.get("COVID_FLAX_CPU_DEFAULTS", "1") == "0":
+    return
+  _tune_malloc()
+  from covid_flax import cpu_conv  # Builds the kernel if needed; starts no backend.
+
+  if cpu_conv.unavailable_reason() is None:
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
+  if missing:
+    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+
+
+def _tune_malloc() -> bool:
+  """MALLOC_SETTINGS through mallopt; False where not glibc or the user's environment tunes it."""
+  if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    return False
+  try:
+    if not os.confstr("CS_GNU_LIBC_VERSION"):
+      return False
+  except (ValueError, OSError):  # Not glibc (macOS, musl).
+    return False
+  mallopt = ctypes.CDLL(None).mallopt
+  return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS)

@@ -1,0 +1,85 @@
+"""The CPU process settings: set by entry points, not by importing the package."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO_ROOT
+
+from covid_flax import cpu_conv, cpu_defaults
+
+pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
+
+# Entry points define clashing absl flags: one process per group.
+MODULES = [("main", "pretrain", "cross_validate", "train", "input_pipeline", "preprocess",
+            "inference", "ct_crop", "models", "simclr", "gradcam"), ("evaluate",), ("predict",)]  # fmt: skip
+
+
+@pytest.mark.parametrize("modules", MODULES, ids=lambda m: m[0])
+def test_importing_the_package_starts_no_backend_and_sets_no_flags(modules):
+  code = (
+    "import os; os.environ.pop('XLA_FLAGS', None)\n"
+    + "".join(f"import covid_flax.{m}\n" for m in modules)
+    + "from jax._src import xla_bridge\n"
+    "print(bool(xla_bridge._backends), repr(os.environ.get('XLA_FLAGS')))\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                       text=True, check=True).stdout.split()  # fmt: skip
+  assert out == ["False", "None"]  # So an entry point can still set XLA_FLAGS at its start.
+
+
+def test_cpu_defaults_are_added_unless_named_or_turned_off(monkeypatch):
+  monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: "no compiler")  # XLA's convolutions.
+  flag = cpu_defaults.CPU_XLA_FLAGS[0]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cpu_defaults.apply()
+  assert cpu_defaults.os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flag}"
+  monkeypatch.setenv("XLA_FLAGS", flag.split("=")[0] + "=none")
+  cpu_defaults.apply()
+  assert (
+    cpu_defaults.os.environ["XLA_FLAGS"] == flag.split("=")[0] + "=none"
+  )  # Named there: it wins.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("COVID_FLAX_CPU_DEFAULTS", "0")
+  cpu_defaults.apply()
+  assert cpu_defaults.os.environ["XLA_FLAGS"] == ""
+
+
+def test_no_cpu_defaults_when_the_convolutions_run_on_onednn(monkeypatch):
+  monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: None)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cpu_defaults.apply()
+  assert cpu_defaults.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+# Touches a 256 MB block, frees it, and counts the page faults of touching a new one.
+_REFAULT = """
+import ctypes, resource, sys
+sys.path.insert(0, {root!r})
+from covid_flax import cpu_defaults
+tuned = cpu_defaults._tune_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+def touch():
+  block = libc.malloc(256 << 20)
+  ctypes.memset(block, 1, 256 << 20)
+  libc.free(ctypes.c_void_p(block))
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_malloc_settings_keep_freed_memory_mapped_unless_the_environment_tunes_malloc():
+  def run(**env):
+    code = _REFAULT.format(root=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", **env}).stdout.split()  # fmt: skip
+    return out[0] == "True", int(out[1])
+
+  tuned, faults = run()
+  assert tuned and faults < 1000, faults  # The second block reuses the first one's pages.
+  tuned, faults = run(MALLOC_ARENA_MAX="2")  # The user's setting wins: glibc's defaults stay.
+  assert not tuned and faults > 30_000, faults  # 65,536 pages of 4 KiB, mapped afresh.
