@@ -145,12 +145,12 @@ def test_kept_test_and_probe_results_match_their_predictions(folder):
     assert results["threshold_val"]["confusion_matrix"]["fp"] == round(called * 19)
 
 
-_KEPT_CT = sorted((_KEPT / "ct_probe").glob("*_seed0_*"))
+_KEPT_CT = sorted((_KEPT / "ct_probe").glob("*_seed[0-9]_*"))
 
 
 @pytest.mark.parametrize("folder", _KEPT_CT, ids=lambda p: p.name)
 def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
-  """docs/ct_probe.md's numbers: the old and the new CT recipe on test and on the external probe."""
+  """docs/ct_probe.md's numbers: the CT recipes kept, on test and on the external probe."""
   _, labels, probs, groups, results = _read(folder)
   assert results["threshold_val"]["metrics"]["roc_auc"]["value"] == pytest.approx(
     roc_auc_score(labels, probs)
@@ -168,5 +168,7 @@ def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
 
 def test_kept_ct_results_exist():
   assert [p.name for p in _KEPT_CT] == ["bf16_onednn_seed0_probe", "bf16_onednn_seed0_test",
-                                        "crop_app_seed0_probe", "crop_app_seed0_test",
-                                        "old_seed0_probe", "old_seed0_test"]  # fmt: skip
+                                        "bf16_onednn_seed1_probe", "crop_app_seed0_probe",
+                                        "crop_app_seed0_test", "old_seed0_probe", "old_seed0_test",
+                                        "window_downscale_seed0_probe",
+                                        "window_downscale_seed1_probe"]  # fmt: skip
