@@ -24,7 +24,7 @@ _BINOMIAL_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0  # numpy: no b
 
 def _downscale(image: jax.Array, factor: jax.Array, max_factor: float) -> jax.Array:
   """(H, W) image resampled to 1/factor of its resolution (area-weighted) and back (bilinear)."""
-  size = image.shape
+  height, width = image.shape
   pad = int(np.ceil(max_factor)) + 1  # Edge pixels beyond the end, so no black seeps in there.
   padded = jnp.pad(image, ((0, pad), (0, pad)), mode="edge")
   resample = functools.partial(
@@ -32,7 +32,7 @@ def _downscale(image: jax.Array, factor: jax.Array, max_factor: float) -> jax.Ar
     translation=jnp.zeros(2), method="linear",
   )  # fmt: skip
   low = resample(padded, scale=jnp.full(2, 1.0 / factor), antialias=True)
-  return resample(low, scale=jnp.full(2, factor), antialias=False)[: size[0], : size[1]]
+  return resample(low, scale=jnp.full(2, factor), antialias=False)[:height, :width]
 
 
 def randomize_appearance(

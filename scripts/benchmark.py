@@ -12,12 +12,12 @@ on-device augmentation; img/s is the median over `--windows` windows of `--steps
 warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
 tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
 process, alternating windows with ours, and prints the ratio (TF then shares our one malloc heap,
-`covid_flax/cpu_defaults.py`, and our windows scatter: time ours alone too). `--epoch_scaling=1,2,4` instead times
-whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4 times.
-`--scaling` measures one training setup as `train` runs it, real data and all (one per process,
-so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's img/s
-alone (no model), peak host RSS and device memory. `--modes_ab` times cache against stream mode
-on the same data in one process, alternating windows.
+`covid_flax/cpu_defaults.py`, and our windows scatter: time ours alone too). `--epoch_scaling=1,2,4`
+instead times whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4
+times. `--scaling` measures one training setup as `train` runs it, real data and all (one per
+process, so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's
+img/s alone (no model), peak host RSS and device memory. `--modes_ab` times cache against stream
+mode on the same data in one process, alternating windows.
 Never trust numbers from fake devices
 (XLA_FLAGS=--xla_force_host_platform_device_count): they share the same cores.
 """

@@ -92,10 +92,9 @@ def main(argv):
                 "cpu_conv": path}  # fmt: skip
       for name, (fn, args) in passes.items():
         seconds = _median_seconds(fn, *args)
+        # 3 significant digits, so the tiny layers of a test run never print 0.
         record[f"{name}_ms"] = float(f"{seconds * 1e3:.3g}")
-        record[f"{name}_gflop_s"] = float(
-          f"{flop / seconds / 1e9:.3g}"
-        )  # 3 digits: tiny layers too
+        record[f"{name}_gflop_s"] = float(f"{flop / seconds / 1e9:.3g}")
       print(json.dumps(record), flush=True)
   print(json.dumps({"measure": "environment", "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind}))  # fmt: skip

@@ -36,9 +36,8 @@ def test_cpu_defaults_are_added_unless_named_or_turned_off(monkeypatch):
   assert cpu_defaults.os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flag}"
   monkeypatch.setenv("XLA_FLAGS", flag.split("=")[0] + "=none")
   cpu_defaults.apply()
-  assert (
-    cpu_defaults.os.environ["XLA_FLAGS"] == flag.split("=")[0] + "=none"
-  )  # Named there: it wins.
+  # Named there: it wins.
+  assert cpu_defaults.os.environ["XLA_FLAGS"] == flag.split("=")[0] + "=none"
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("COVID_FLAX_CPU_DEFAULTS", "0")
   cpu_defaults.apply()
