@@ -51,5 +51,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cpu_defaults.apply()
+  cpu_defaults.apply(restart=True)  # Malloc tunables: restarts once, before any work.
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -352,5 +352,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cpu_defaults.apply()
+  cpu_defaults.apply(restart=True)  # Malloc tunables: restarts once, before any work.
   app.run(main)

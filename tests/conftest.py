@@ -17,6 +17,8 @@ if str(REPO_ROOT) not in sys.path:
 from covid_flax import cpu_defaults  # noqa: E402  (starts no JAX backend)
 
 cpu_defaults.apply()  # As the entry points do.
+if cpu_defaults._glibc_tunable():  # Entry points run by tests start with the settings that a
+  os.environ["GLIBC_TUNABLES"] = cpu_defaults.MALLOC_TUNABLES  # restart would give them.
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

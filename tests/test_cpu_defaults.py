@@ -82,3 +82,42 @@ def test_malloc_settings_keep_freed_memory_mapped_unless_the_environment_tunes_m
   assert tuned and faults < 1000, faults  # The second block reuses the first one's pages.
   tuned, faults = run(MALLOC_ARENA_MAX="2")  # The user's setting wins: glibc's defaults stay.
   assert not tuned and faults > 30_000, faults  # 65,536 pages of 4 KiB, mapped afresh.
+
+
+# As a training entry point's __main__ block: restarts itself with the tunables where huge pages
+# come on request, then touches a 64 MiB block and reports the huge pages it got.
+_RESTART = """
+import ctypes, os, sys
+sys.path.insert(0, {root!r})
+from covid_flax import cpu_defaults
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+cpu_defaults.apply(restart=True)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+ctypes.memset(libc.malloc(64 << 20), 1, 64 << 20)
+huge = next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup")
+            if line.startswith("AnonHugePages"))
+print("end", os.getpid(), os.environ.get("GLIBC_TUNABLES"), huge)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tunables")
+def test_training_entry_points_restart_with_malloc_tunables_once_unless_the_user_tunes_malloc():
+  def run(**env):
+    code = _RESTART.format(root=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", **env}).stdout  # fmt: skip
+    return [line.split() for line in out.splitlines()]
+
+  lines = run()
+  pid = lines[0][1]
+  if not cpu_defaults._huge_pages_on_request():
+    assert lines == [["start", pid, "None"], ["end", pid, "None", lines[1][3]]]  # mallopt only.
+    pytest.skip("transparent huge pages are not 'madvise' here: no restart (checked)")
+  tunables = cpu_defaults.MALLOC_TUNABLES
+  assert lines[:2] == [["start", pid, "None"], ["start", pid, tunables]]  # exec: the same process.
+  assert lines[2][:3] == ["end", pid, tunables]
+  assert int(lines[2][3]) >= 2048, lines  # kB on 2 MiB pages: glibc asked for huge pages.
+  user = run(MALLOC_ARENA_MAX="2")
+  assert [line[0] for line in user] == ["start", "end"] and user[1][2] == "None"
+  assert int(user[1][3]) == 0, user  # Nothing asked for huge pages.
