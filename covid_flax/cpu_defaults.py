@@ -45,8 +45,11 @@ def apply(restart: bool = False) -> None:
   if restart and _huge_pages_on_request() and _glibc_tunable():
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})  # fmt: skip
+    try:
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})  # fmt: skip
+    except OSError:  # No interpreter to exec (embedded Python): mallopt below instead.
+      pass
   _tune_malloc()
   from covid_flax import cpu_conv  # Builds the kernel if needed; starts no backend.
 

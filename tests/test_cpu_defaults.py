@@ -121,3 +121,22 @@ def test_training_entry_points_restart_with_malloc_tunables_once_unless_the_user
   user = run(MALLOC_ARENA_MAX="2")
   assert [line[0] for line in user] == ["start", "end"] and user[1][2] == "None"
   assert int(user[1][3]) == 0, user  # Nothing asked for huge pages.
+
+
+def test_a_failed_restart_falls_back_to_mallopt(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setattr(cpu_defaults, "_huge_pages_on_request", lambda: True)
+  monkeypatch.setattr(cpu_defaults, "_glibc_tunable", lambda: True)
+  calls = []
+
+  def no_exec(*args):
+    calls.append("exec")
+    raise OSError("no interpreter")
+
+  monkeypatch.setattr(cpu_defaults.os, "execve", no_exec)
+  monkeypatch.setattr(cpu_defaults, "_tune_malloc", lambda: calls.append("mallopt"))
+  cpu_defaults.apply(restart=True)
+  assert calls == ["exec", "mallopt"]
+  calls.clear()
+  cpu_defaults.apply()  # Without restart (evaluate, predict): mallopt only.
+  assert calls == ["mallopt"]
