@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (README, "Performance"): ResNet-50 224x224 bf16 and the study's CNN train
+# One prepared GPU check (docs/performance.md): ResNet-50 224x224 bf16 and the study's CNN train
 # img/s on the card, the host input pipeline rate, then (when CT_DIR names a COVID-CT manual_dir)
 # the CT recipe's training job end to end and its test evaluation.
 # Usage: OUT=dir [ONLY="name ..."] [CT_DIR=dir] bash scripts/gpu_benchmark.sh

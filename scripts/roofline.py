@@ -7,7 +7,7 @@ Prints one JSON object per line: `matmul` (a 2048^3 product, float32 and bfloat1
 the seed CNN's four 3x3 convolutions at this image size, the median ms and GFLOP/s of its forward
 pass, input gradient and weight gradient, each jitted alone, on each convolution path of
 `--cpu_conv` (XLA's, or covid_flax/cpu_conv's oneDNN kernel), layer by layer. Together with `benchmark.py` this says
-how far the train step is from what the machine can do (README, "Performance"). Run it with the
+how far the train step is from what the machine can do (docs/performance.md). Run it with the
 XLA flags under test in XLA_FLAGS; `covid_flax.cpu_defaults` apply unless COVID_FLAX_CPU_DEFAULTS=0.
 """
 
