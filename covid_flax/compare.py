@@ -50,8 +50,10 @@ def load_run(path: str | Path, split: str = "test", name: str | None = None) -> 
   """A workdir's latest evaluation of `split`, or the evaluation folder `path` itself."""
   path = Path(path)
   if (path / "metrics.json").is_file():  # workdir/eval/<name>: its workdir is two levels up.
-    eval_dir, workdir = path, path.parent.parent if path.parent.name == report.EVAL_DIR else path
-    name = name or f"{workdir.resolve().name}/{path.name}"
+    in_workdir = path.parent.name == report.EVAL_DIR
+    eval_dir, workdir = path, path.parent.parent if in_workdir else path
+    # A folder kept on its own (results/...) is named once, not "x/x".
+    name = name or (f"{workdir.resolve().name}/{path.name}" if in_workdir else path.resolve().name)
   else:
     workdir, eval_dir = path, report.latest_eval_dir(path, split)
   with open(eval_dir / "metrics.json") as f:

@@ -151,6 +151,10 @@ def test_two_recipes_on_the_same_patients_are_compared_paired(tmp_path):
   assert auc["intervals_overlap"] is True  # Each run's own interval cannot tell them apart,
   assert auc["difference_ci"][0] > 0 and auc["better"] == "a/cv-latest"  # the paired one can.
   assert "(paired)" in (tmp_path / "o" / "comparison.md").read_text()
+  kept = tmp_path / "kept_probe"  # An evaluation folder kept on its own: named once.
+  (tmp_path / "a" / "eval" / "cv-latest").rename(kept)
+  result = compare.compare_runs([kept, dirs[1]], tmp_path / "o2", threshold_key="threshold_0.5")
+  assert [r["name"] for r in result["runs"]] == ["kept_probe", "b/cv-latest"]
   unpaired = [
     metrics.bootstrap_distribution(labels, p, pids, 0.5, 1000, seed)["roc_auc"]
     for seed, p in ((0, strong), (1, weak))
