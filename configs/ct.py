@@ -27,7 +27,10 @@ def get_config():
   config.dropout_rate = 0.0
   config.ema_decay = 0.99
   config.aug_rotate = 10.0
-  config.aug_zoom = 0.15
+  # Random crops inside the body (zoom in and out up to 1.35x, shifts up to 15 %): the framing is a
+  # source cue too; +0.06-0.07 probe ROC-AUC on two seeds (docs/ct_probe.md).
+  config.aug_zoom = 0.35
+  config.aug_translate = 0.15
   config.aug_hflip = True  # Axial slices: left-right flips keep the anatomy plausible.
   config.aug_contrast = 0.2
   config.aug_gamma = 0.4  # Window and print differences between sources.
