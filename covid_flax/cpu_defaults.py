@@ -18,18 +18,18 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 # One arena, no mmap below 1 GiB and no trimming keep such blocks mapped and reused: seed CNN 128²
 # float32 43.7 -> 53.0 img/s, page faults 2.06 M -> 0.43 M a run (AMD EPYC). Blocks past 1 GiB are
 # mapped afresh as before: reusing the seed CNN's at 224² from the one heap fragmented it (peak RSS
-# 2.8 -> 6.2 GB, 14.2 -> 11-12 img/s). mallopt parameter numbers from glibc's malloc.h.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1))
+# 2.8 -> 6.2 GB, 14.2 -> 11-12 img/s). Tunable name: (mallopt parameter from glibc's malloc.h, value).
+_MALLOC = {"arena_max": (-8, 1), "mmap_threshold": (-3, 1 << 30), "trim_threshold": (-1, 2**31 - 1)}
+MALLOC_SETTINGS = tuple(_MALLOC.values())
 # The same settings as glibc tunables, plus huge pages for malloc's memory where the kernel's
 # transparent huge pages are "madvise" (as on this project's machines): glibc reads tunables only
 # when a process starts, so a training entry point restarts itself with them (exec, same pid; costs
 # its imports again, ~3 s). The 224² seed CNN step's >1 GiB block is mmapped afresh each step; on
 # 2 MiB pages bfloat16 trains 20.5 -> 26-27 img/s (AMD EPYC; docs/performance.md).
 MALLOC_TUNABLES = ":".join(
-  ["glibc.malloc.arena_max=1", f"glibc.malloc.mmap_threshold={1 << 30}",
-   f"glibc.malloc.trim_threshold={2**31 - 1}", "glibc.malloc.hugetlb=1"]
-)  # fmt: skip
+  [f"glibc.malloc.{name}={value}" for name, (_, value) in _MALLOC.items()]
+  + ["glibc.malloc.hugetlb=1"]
+)
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
