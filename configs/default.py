@@ -58,13 +58,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Appearance randomisation (train only), against cues of the image source: a gamma of
   # exp(U(-aug_gamma, aug_gamma)), blur (negative) or sharpen (positive) by U(-s, s) of a 3x3
   # unsharp mask with s = aug_sharpness, Gaussian noise of standard deviation U(0, aug_noise), a
-  # resolution drop by a factor U(1, aug_downscale) and a display window [U(0, w), 1 - U(0, w)]
-  # stretched to [0, 1] and clipped, w = aug_window.
+  # resolution drop by a factor U(1, aug_downscale), a display window [U(0, w), 1 - U(0, w)]
+  # stretched to [0, 1] and clipped, w = aug_window, and a JPEG re-compression at a quality of
+  # U(aug_jpeg, 95) (0: off).
   config.aug_gamma = 0.0
   config.aug_sharpness = 0.0
   config.aug_noise = 0.0
   config.aug_downscale = 1.0
   config.aug_window = 0.0
+  config.aug_jpeg = 0.0
   # Mixup / CutMix of each example with another of the batch: Beta(alpha, alpha) weights; 0 is
   # off. With both on, each example picks one of the two.
   config.mixup_alpha = 0.0

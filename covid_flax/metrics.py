@@ -4,30 +4,15 @@ Labels are 0 = non_covid, 1 = covid (the positive class); `probs` are P(covid). 
 positive iff `prob >= threshold`. Point metrics come from scikit-learn; undefined values (e.g.
 sensitivity without positives, AUC with one class) are NaN here and None in JSON, with a note.
 
-metrics.json (from `evaluate_at_thresholds`; evaluate.py may add keys such as "split", "step"):
-  {"target_sensitivity": 0.95 | null,
-   "threshold_val": RECORD,      # at the threshold chosen on the validation split
-   "threshold_0.5": RECORD}
-RECORD (from `evaluate_predictions`):
-  {"threshold": float, "confidence": 0.95, "ece_bins": 10,
-   "counts": {"n_images", "n_patients", "n_positive", "n_negative"},     # image counts by label
-   "confusion_matrix": {"tn", "fp", "fn", "tp"},
-   "bootstrap": {"unit": "patient", "n_resamples", "seed"},
-   "metrics": {NAME: {"value": float|null, "ci_low": float|null, "ci_high": float|null,
-                      "ci_method": "wilson"|"patient_bootstrap"|"wilson_patients",
-                      "bootstrap_ci": [low|null, high|null], "n_valid_resamples": int,
-                      # proportions only: "wilson_ci": [low, high], "successes": int, "trials": int
-                      # only when something is off: "note": str}},
-   "notes": [str, ...]}
-NAME is one of METRICS: accuracy, sensitivity, specificity, ppv, npv, f1, roc_auc, pr_auc (average
-precision), brier, ece (equal-width bins). The bootstrap resamples patients with replacement (a
-patient's images stay together); the threshold is held fixed, so the intervals do not include the
-uncertainty of choosing it. Wilson intervals treat images as independent, true only with one image
-per patient: `proportion_ci="auto"` makes Wilson the headline interval of the proportions then, and
-the patient bootstrap otherwise (both are always stored). A bootstrapped proportion of all or none
-(e.g. 0 of 19 external normals called normal) has a zero-width interval; Wilson's interval over the
-patients involved replaces it ("wilson_patients", with a note). The bootstrap computes every resample at
-once from per-image repeat counts in numpy (sklearn takes 15-40 ms a call); tests check it equals
+metrics.json's layout (`evaluate_at_thresholds`; records from `evaluate_predictions`):
+docs/evaluation.md. The bootstrap resamples patients with replacement (a patient's images stay
+together); the threshold is held fixed, so the intervals do not include the uncertainty of choosing
+it. Wilson intervals treat images as independent, true only with one image per patient:
+`proportion_ci="auto"` makes Wilson the headline interval of the proportions then, and the patient
+bootstrap otherwise (both are always stored). A bootstrapped proportion of all or none (e.g. 0 of 19
+external normals called normal) has a zero-width interval; Wilson's interval over the patients
+involved replaces it ("wilson_patients", with a note). The bootstrap computes every resample at once
+from per-image repeat counts in numpy (sklearn takes 15-40 ms a call); tests check it equals
 `compute_metrics` (sklearn) on the same resamples.
 """
 

@@ -10,6 +10,7 @@ import numpy as np
 from covid_flax.parallel import DATA_AXIS
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25  # Normalisation of [0, 1] grayscale pixels.
+JPEG_MAX_QUALITY = 95.0  # config.aug_jpeg draws the quality from U(aug_jpeg, this).
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -20,6 +21,16 @@ def normalize(images: jax.Array) -> jax.Array:
 
 
 _BINOMIAL_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0  # numpy: no backend at import.
+# JPEG's luminance quantisation table (ITU T.81 Annex K, libjpeg's base table) and the 8x8 DCT-II.
+_JPEG_LUMA = np.array([
+  [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+  [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+  [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+  [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+], dtype=np.float32)  # fmt: skip
+_DCT8 = np.sqrt(np.where(np.arange(8)[:, None] == 0, 1 / 8, 2 / 8)) * np.cos(
+  np.pi * (2 * np.arange(8)[None] + 1) * np.arange(8)[:, None] / 16
+)
 
 
 def _downscale(image: jax.Array, factor: jax.Array, max_factor: float) -> jax.Array:
@@ -35,13 +46,29 @@ def _downscale(image: jax.Array, factor: jax.Array, max_factor: float) -> jax.Ar
   return resample(low, scale=jnp.full(2, factor), antialias=False)[:height, :width]
 
 
+def jpeg(image: jax.Array, quality: jax.Array) -> jax.Array:
+  """(H, W) image in [0, 1] through a baseline grayscale JPEG encode and decode at `quality`
+  (1-100, libjpeg's scaling of the table): 8x8 block DCT, quantised, rounded, inverted; the
+  blocking and ringing of a figure saved as JPEG (tests compare it with Pillow's encoder)."""
+  height, width = image.shape
+  padded = jnp.pad(image, ((0, -height % 8), (0, -width % 8)), mode="edge")
+  pixels = jnp.round(jnp.clip(padded, 0.0, 1.0) * 255.0) - 128.0
+  blocks = pixels.reshape(padded.shape[0] // 8, 8, padded.shape[1] // 8, 8)
+  scale = jnp.where(quality < 50, 5000.0 / quality, 200.0 - 2.0 * quality)
+  table = jnp.clip(jnp.floor((_JPEG_LUMA * scale + 50.0) / 100.0), 1.0, 255.0)
+  coeffs = jnp.einsum("uy,iyjx,vx->iujv", _DCT8, blocks, _DCT8)
+  coeffs = jnp.round(coeffs / table[:, None]) * table[:, None]
+  decoded = jnp.einsum("uy,iujv,vx->iyjx", _DCT8, coeffs, _DCT8).reshape(padded.shape)
+  return (jnp.clip(jnp.round(decoded + 128.0), 0.0, 255.0) / 255.0)[:height, :width]
+
+
 def randomize_appearance(
   image: jax.Array, key: jax.Array, config: ml_collections.ConfigDict
 ) -> jax.Array:
   """One (H, W) image with a random resolution drop, display window, gamma, blur or sharpening,
-  and noise (config.aug_downscale, aug_window, aug_gamma, aug_sharpness, aug_noise): how a
-  scanner, a window, a print and a re-encoding change an image's look, which a model should not
-  learn as the class."""
+  noise and JPEG re-compression (config.aug_downscale, aug_window, aug_gamma, aug_sharpness,
+  aug_noise, aug_jpeg): how a scanner, a window, a print and a re-encoding change an image's look,
+  which a model should not learn as the class."""
   k_gamma, k_sharp, k_sigma, k_noise = jax.random.split(key, 4)
   bound = lambda k, b: jax.random.uniform(k, (), minval=-b, maxval=b)  # noqa: E731
   if config.aug_downscale > 1:  # Keys folded in: runs without these fields keep their draws.
@@ -56,7 +83,12 @@ def randomize_appearance(
   blurred = jax.scipy.signal.convolve2d(padded, _BINOMIAL_3X3, mode="valid")
   image = image + bound(k_sharp, config.aug_sharpness) * (image - blurred)
   sigma = jax.random.uniform(k_sigma, (), maxval=config.aug_noise)
-  return image + sigma * jax.random.normal(k_noise, image.shape)
+  image = image + sigma * jax.random.normal(k_noise, image.shape)
+  if config.aug_jpeg:  # Saved last, as a figure taken from a paper or the web was.
+    quality = jax.random.uniform(jax.random.fold_in(key, 13), (), minval=config.aug_jpeg,
+                                 maxval=JPEG_MAX_QUALITY)  # fmt: skip
+    image = jpeg(image, quality)
+  return image
 
 
 def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -88,7 +120,8 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     image = image + uniform(k_bright, config.aug_brightness)
     mean = image.mean()
     image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean
-    fields = (config.aug_gamma, config.aug_sharpness, config.aug_noise, config.aug_window)
+    fields = (config.aug_gamma, config.aug_sharpness, config.aug_noise, config.aug_window,
+              config.aug_jpeg)  # fmt: skip
     if any(fields) or config.aug_downscale > 1:
       # A key of its own: the draws above stay those of runs made before these fields existed.
       image = randomize_appearance(image, jax.random.fold_in(key, 7), config)

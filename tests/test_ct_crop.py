@@ -1,5 +1,7 @@
 """The CT lung crop and the appearance randomisation, on small synthetic slices."""
 
+import io
+
 import jax
 import numpy as np
 import pytest
@@ -163,7 +165,7 @@ def test_appearance_randomisation_is_off_by_default_and_changes_images_when_on()
   keys = jax.random.split(jax.random.key(1), 4)
   np.testing.assert_allclose(preprocess.augment(images, keys, _config()), images, atol=1e-6)
   for field, value in [("aug_gamma", 0.5), ("aug_sharpness", 0.5), ("aug_noise", 0.5),
-                       ("aug_window", 0.3), ("aug_downscale", 3.0)]:  # fmt: skip
+                       ("aug_window", 0.3), ("aug_downscale", 3.0), ("aug_jpeg", 20.0)]:  # fmt: skip
     out = preprocess.augment(images, keys, _config(**{field: value}))
     assert np.abs(out - images).mean() > 1e-3, field
 
@@ -196,3 +198,28 @@ def test_downscale_blurs_detail_and_leaves_flat_images_and_edges_alone():
     assert low.shape == stripes.shape and low[4:-4, 4:-4].std() < 0.5 * stripes.std(), factor
     flat = np.asarray(preprocess._downscale(np.full((32, 32), 0.6), factor, 4.0))
     np.testing.assert_allclose(flat, 0.6, atol=1e-5)  # No black seeps in at any border.
+
+
+@pytest.mark.parametrize("quality", [5, 10, 35, 50, 75, 95])
+def test_jpeg_matches_pillows_encoder(quality):
+  rng = np.random.default_rng(quality)
+  smooth = ndimage.gaussian_filter(rng.uniform(0, 255, (40, 44)), 3)  # Not a multiple of 8.
+  image = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).round().astype(np.uint8)
+  out = np.round(np.asarray(preprocess.jpeg(image / 255.0, float(quality))) * 255.0)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=0)
+  pillow = np.asarray(Image.open(buffer), dtype=np.float64)
+  error, pillow_error = np.abs(out - image).mean(), np.abs(pillow - image).mean()
+  assert out.shape == image.shape and error > 1.0  # It does change the image, as much as Pillow
+  assert abs(error - pillow_error) < 0.02 * pillow_error  # does, and the same way: pixels differ
+  assert np.abs(out - pillow).mean() < 0.65 and np.abs(out - pillow).max() <= 8  # by rounding.
+
+
+def test_jpeg_in_the_appearance_randomisation_draws_its_quality():
+  image = np.asarray(jax.random.uniform(jax.random.key(0), (16, 16)))
+  outs = [np.asarray(preprocess.randomize_appearance(image, jax.random.key(seed),
+                                                     _config(aug_jpeg=5.0))) for seed in range(3)]  # fmt: skip
+  errors = [np.abs(out - image).mean() for out in outs]
+  assert min(errors) > 0.01 and len(set(np.round(errors, 6))) == 3  # Qualities differ by key.
+  for out in outs:  # Decoded to grey levels.
+    np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-3)
