@@ -47,11 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # On-device augmentation (train only): a random affine transform (rotation in degrees, zoom as
   # a fraction, translation as a fraction of the image size), horizontal flips (off: the heart is
-  # on the left), brightness/contrast jitter.
+  # on the left), brightness/contrast jitter. `aug_fill`: what a zoom-out or shift shows beyond the
+  # image's border, its edge pixels repeated ("edge") or black ("black").
   config.augment = True
   config.aug_rotate = 10.0
   config.aug_zoom = 0.1
   config.aug_translate = 0.1
+  config.aug_fill = "edge"
   config.aug_hflip = False
   config.aug_brightness = 0.1
   config.aug_contrast = 0.1

@@ -16,6 +16,7 @@ NAN_POLICIES = ("stop", "skip")
 INPUT_NORMS = ("default", "imagenet", "xrv")
 INPUT_MODES = ("auto", "cache", "stream")
 CPU_CONVS = ("onednn", "xla")
+AUG_FILLS = ("edge", "black")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
 DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop",
@@ -49,6 +50,7 @@ ADDED_FIELDS = {
   "aug_window": 0.0,
   "aug_downscale": 1.0,
   "aug_jpeg": 0.0,
+  "aug_fill": "edge",
   "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
@@ -128,6 +130,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "aug_zoom": ((int, float), _range(0, 0.9)),
   "aug_translate": ((int, float), _range(0, 0.5)),
   "aug_hflip": (bool, _ANY),
+  "aug_fill": (str, _in(*AUG_FILLS)),
   "aug_brightness": ((int, float), _FRACTION),
   "aug_contrast": ((int, float), _FRACTION),
   "aug_gamma": ((int, float), _range(0, 2)),

@@ -92,8 +92,8 @@ def randomize_appearance(
 
 
 def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """Per-example random affine transform (rotation, zoom, translation; bilinear, edge pixels
-  repeated), horizontal flip, brightness/contrast jitter and `randomize_appearance` (where its
+  """Per-example random affine transform (rotation, zoom, translation; bilinear, beyond the border
+  edge pixels repeated or black: `aug_fill`), horizontal flip, brightness/contrast jitter and `randomize_appearance` (where its
   fields are on) of [0, 1] images (N, H, W, 1)."""
   size = images.shape[1]
   center = (size - 1) / 2.0
@@ -114,9 +114,8 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     src_x = (sin * y + cos * x) / zoom + center
     if config.aug_hflip:
       src_x = jnp.where(jax.random.bernoulli(k_flip), 2 * center - src_x, src_x)
-    image = jax.scipy.ndimage.map_coordinates(
-      image[..., 0], [src_y, src_x], order=1, mode="nearest"
-    )
+    fill = "constant" if config.aug_fill == "black" else "nearest"
+    image = jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1, mode=fill)
     image = image + uniform(k_bright, config.aug_brightness)
     mean = image.mean()
     image = (image - mean) * (1.0 + uniform(k_contrast, config.aug_contrast)) + mean

@@ -1,14 +1,22 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported), no network, shared fixtures."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("COVID_FLAX_NO_DOWNLOAD", "1")  # Builders never probe the network in tests.
+# One persistent compilation cache for this test session and the processes its tests start: the
+# many runs of the same tiny configurations (train, kill, resume) compile each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="covid_flax_test_jit_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:

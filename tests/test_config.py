@@ -44,6 +44,11 @@ def test_shipped_configs_are_valid(name):
     ("aug_window", 0.5, "config.aug_window=0.5 is not allowed; it must be >= 0 and <= 0.45"),
     ("aug_downscale", 0.5, "config.aug_downscale=0.5 is not allowed; it must be >= 1 and <= 8"),
     ("aug_jpeg", 100.0, "config.aug_jpeg=100.0 is not allowed; it must be >= 0 and <= 95"),
+    (
+      "aug_fill",
+      "mirror",
+      "config.aug_fill='mirror' is not allowed; it must be one of ['edge', 'black']",
+    ),
   ],
 )
 def test_bad_field_is_named(field, value, message):

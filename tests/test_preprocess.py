@@ -110,3 +110,16 @@ def test_mixed_batch_pairs_each_example_with_the_next_of_the_global_batch():
   lam4 = np.asarray(lam)[:, None, None, None]
   np.testing.assert_allclose(images, lam4 * own + (1 - lam4) * other, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(partner_labels, np.roll(np.asarray(labels), -1))
+
+
+def test_fill_beyond_the_border_is_edge_or_black():
+  # A white image shifted and zoomed out: with edge fill it stays white, with black fill the
+  # uncovered part is black, and what the image still covers stays white.
+  images = jnp.ones((8, 32, 32, 1))
+  edge = augment(images, _keys(8), _config(aug_zoom=0.5, aug_translate=0.3))
+  np.testing.assert_allclose(edge, images, atol=1e-6)
+  black = np.asarray(augment(images, _keys(8), _config(aug_zoom=0.5, aug_translate=0.3,
+                                                       aug_fill="black")))  # fmt: skip
+  black_share = (black == 0).mean(axis=(1, 2, 3))
+  assert (black_share > 0).sum() >= 6 and (black_share < 1).all()
+  assert (black[black > 0.5] == 1).mean() > 0.9  # Only border pixels are a blend.
