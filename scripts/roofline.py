@@ -68,8 +68,8 @@ def main(argv):
     record = {"measure": "matmul", "n": 2048, "dtype": jnp.dtype(dtype).name}
     print(json.dumps({**record, "gflop_s": round(2 * 2048**3 / seconds / 1e9, 1)}), flush=True)
   dtype = jnp.dtype(FLAGS.dtype)
-  if "onednn" in FLAGS.cpu_conv and (reason := cpu_conv.unavailable_reason()):
-    raise app.UsageError(f"--cpu_conv=onednn: {reason}")
+  if "onednn" in FLAGS.cpu_conv and (path := cpu_conv.conv_path("onednn", dtype)) != "oneDNN":
+    raise app.UsageError(f"--cpu_conv=onednn: convolutions would run on {path}")
   for size, cin, cout in _seed_cnn_convs(FLAGS.image_size):
     x = jax.random.normal(key, (FLAGS.batch_size, size, size, cin), dtype)
     w = jax.random.normal(key, (3, 3, cin, cout), dtype) * 0.1

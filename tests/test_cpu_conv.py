@@ -15,6 +15,10 @@ needs_onednn = pytest.mark.skipif(
   cpu_conv.unavailable_reason() is not None,
   reason=f"oneDNN kernel unavailable here: {cpu_conv.unavailable_reason()}",
 )
+needs_onednn_bf16 = pytest.mark.skipif(
+  cpu_conv.unavailable_reason() is not None or not cpu_conv.supports(jnp.bfloat16),
+  reason="oneDNN has no bfloat16 convolutions on this CPU (they need AVX-512)",
+)
 
 
 def _registry_convolutions() -> set[tuple]:
@@ -63,8 +67,12 @@ def _conv_and_grads(conv, x, w, strides, padding, dilation, out_dtype):
 @needs_onednn
 @pytest.mark.parametrize(
   "dtype, out_dtype",
-  [(jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)],
-  ids=["f32", "bf16", "bf16 to f32"],  # The last: how the models run bfloat16 on oneDNN.
+  [
+    pytest.param(jnp.float32, None, id="f32"),
+    pytest.param(jnp.bfloat16, None, id="bf16", marks=needs_onednn_bf16),
+    # How the models run bfloat16 on oneDNN.
+    pytest.param(jnp.bfloat16, jnp.float32, id="bf16 to f32", marks=needs_onednn_bf16),
+  ],
 )
 @pytest.mark.parametrize("case", _CASES, ids=str)
 def test_forward_and_gradients_equal_lax(case, dtype, out_dtype):
@@ -109,7 +117,10 @@ def test_what_the_kernel_does_not_cover_falls_back_to_lax(kwargs):
 
 
 @needs_onednn
-@pytest.mark.parametrize("half_precision", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+  "half_precision",
+  [pytest.param(False, id="f32"), pytest.param(True, id="bf16", marks=needs_onednn_bf16)],
+)
 def test_a_models_train_step_runs_on_onednn_unless_told_xla(half_precision):
   x = jax.random.normal(jax.random.key(0), (2, 40, 40, 1))
 
@@ -152,3 +163,39 @@ def test_use_onednn_says_which_path_runs():
     assert all(c.conv_general_dilated is cpu_conv.conv_general_dilated for c in convs)
   else:
     assert path == f"XLA (oneDNN unavailable: {cpu_conv.unavailable_reason()})"
+
+
+def test_a_cpu_without_bfloat16_convolutions_keeps_a_bfloat16_model_on_xla(monkeypatch):
+  # An AVX2-only CPU: oneDNN makes no bfloat16 convolution there (it fails when asked for one).
+  monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: None)
+  monkeypatch.setattr(cpu_conv, "supports", lambda dtype: jnp.dtype(dtype) == jnp.float32)
+  config = tiny_config("", model="tiny_cnn", image_size=40, half_precision=True, cpu_conv="onednn")
+  model = models.from_config(config)
+  convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+  assert all(c.conv_general_dilated is lax.conv_general_dilated for c in convs)
+  assert cpu_conv.use_onednn(model, "onednn") == (
+    "XLA (oneDNN has no bfloat16 convolutions on this CPU: they need AVX-512)"
+  )
+  x = jnp.ones((1, 9, 9, 2), jnp.bfloat16)
+  w = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  text = (
+    jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
+    .lower(x, w)
+    .as_text()
+  )
+  assert "covid_flax_onednn" not in text.lower()  # A direct call falls back too.
+  assert (
+    cpu_conv.use_onednn(
+      models.from_config(tiny_config("", model="tiny_cnn", image_size=40, cpu_conv="onednn")),
+      "onednn",
+    )
+    == "oneDNN"
+  )
+
+
+@needs_onednn
+def test_supports_answers_for_both_types():
+  assert cpu_conv.supports(jnp.float32)
+  assert isinstance(cpu_conv.supports(jnp.bfloat16), bool)  # True with AVX-512, False on AVX2.
+  assert not cpu_conv.supports(jnp.int8)

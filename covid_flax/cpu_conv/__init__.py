@@ -120,6 +120,7 @@ def _load() -> ctypes.CDLL | str:
   for target, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   library.CovidFlaxOnednnConvCalls.restype = ctypes.c_int64
+  library.CovidFlaxOnednnConvSupports.argtypes = [ctypes.c_int]
   library.CovidFlaxOnednnConvNanoseconds.restype = ctypes.c_int64
   return library
 
@@ -128,6 +129,19 @@ def unavailable_reason() -> str | None:
   """None if the oneDNN kernel is usable in this process, else why not."""
   loaded = _load()
   return loaded if isinstance(loaded, str) else None
+
+
+@functools.cache
+def supports(dtype) -> bool:
+  """Whether oneDNN has convolutions of `dtype` (float32, bfloat16) on this CPU: an AVX2-only CPU
+  has no bfloat16 ones (oneDNN 3.x needs AVX-512 for them)."""
+  loaded = _load()
+  code = {jnp.dtype(jnp.float32): 3, jnp.dtype(jnp.bfloat16): 2}.get(jnp.dtype(dtype))
+  return (
+    not isinstance(loaded, str)
+    and code is not None
+    and bool(loaded.CovidFlaxOnednnConvSupports(code))
+  )
 
 
 def calls() -> int:
@@ -240,6 +254,7 @@ def conv_general_dilated(
     and all(p >= 0 for pair in pads for p in pair)
     and out_sharding is None
     and unavailable_reason() is None
+    and supports(dtype)
   )
   if not covered:
     return lax.conv_general_dilated(
@@ -253,26 +268,36 @@ def conv_general_dilated(
   return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)), dilation, out_dtype)
 
 
+def conv_path(cpu_conv: str, dtype=jnp.float32) -> str:
+  """Where convolutions of `dtype` run with `config.cpu_conv`: 'oneDNN', or 'XLA (why)'."""
+  if cpu_conv != "onednn":
+    return f"XLA (config.cpu_conv={cpu_conv!r})"
+  if jax.default_backend() != "cpu":
+    return f"XLA (the backend is {jax.default_backend()}, oneDNN is for the CPU)"
+  if reason := unavailable_reason():
+    return f"XLA (oneDNN unavailable: {reason})"
+  if not supports(dtype):
+    return (
+      f"XLA (oneDNN has no {jnp.dtype(dtype).name} convolutions on this CPU: they need AVX-512)"
+    )
+  return "oneDNN"
+
+
 def use_onednn(model: nnx.Module, cpu_conv: str) -> str:
-  """Point every `nnx.Conv` of `model` at oneDNN when `cpu_conv` is 'onednn', the default backend
-  is the CPU and the kernel loads; returns (and logs) which path the convolutions take.
+  """Point every `nnx.Conv` of `model` at oneDNN when `conv_path` says so; returns (and logs) which
+  path the convolutions take.
 
   bfloat16 convolutions then give float32 outputs (oneDNN's accumulators, unrounded), so the bias,
   activations, pooling and dropout between them run in float32: XLA:CPU runs bfloat16 elementwise
   work far slower than float32 (the study CNN's bfloat16 step: 1,050 ms with bfloat16 outputs, 640
   with float32 ones; its float32 step 790). Each convolution still reads bfloat16 operands."""
-  if cpu_conv != "onednn":
-    path = f"XLA (config.cpu_conv={cpu_conv!r})"
-  elif jax.default_backend() != "cpu":
-    path = f"XLA (the backend is {jax.default_backend()}, oneDNN is for the CPU)"
-  elif reason := unavailable_reason():
-    path = f"XLA (oneDNN unavailable: {reason})"
-  else:
-    for _, module in nnx.iter_graph(model):
-      if isinstance(module, nnx.Conv):
-        module.conv_general_dilated = conv_general_dilated
-        if module.dtype == jnp.bfloat16:  # See the docstring.
-          module.preferred_element_type = jnp.float32
-    path = "oneDNN"
+  convs = [module for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Conv)]
+  bf16 = any(conv.dtype == jnp.bfloat16 for conv in convs)
+  path = conv_path(cpu_conv, jnp.bfloat16 if bf16 else jnp.float32)
+  if path == "oneDNN":
+    for module in convs:
+      module.conv_general_dilated = conv_general_dilated
+      if module.dtype == jnp.bfloat16:  # See the docstring.
+        module.preferred_element_type = jnp.float32
   logging.log_first_n(logging.INFO, "Convolutions run on %s.", 1, path)
   return path

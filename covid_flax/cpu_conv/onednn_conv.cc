@@ -80,6 +80,7 @@ dnnl_status_t dnnl_reorder_primitive_desc_create(dnnl_primitive_desc_t*, const_d
                                                  dnnl_engine_t, dnnl_primitive_attr_t attr);
 const_dnnl_memory_desc_t dnnl_primitive_desc_query_md(dnnl_primitive_desc_t, int what, int index);
 dnnl_status_t dnnl_primitive_desc_destroy(dnnl_primitive_desc_t);
+dnnl_status_t dnnl_primitive_destroy(dnnl_primitive_t);
 dnnl_status_t dnnl_primitive_create(dnnl_primitive_t*, dnnl_primitive_desc_t);
 dnnl_status_t dnnl_primitive_execute(dnnl_primitive_t, dnnl_stream_t, int nargs,
                                      const dnnl_exec_arg_t* args);
@@ -436,6 +437,30 @@ ffi::Error Conv(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> 
 COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvForward, kForward)
 COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvBackwardData, kBackwardData)
 COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvBackwardWeights, kBackwardWeights)
+
+// 1 if oneDNN has all three passes of a small convolution of this data type (2: bfloat16, with a
+// float32 output; 3: float32) on this CPU, else 0: oneDNN 3.x has no bfloat16 convolutions without
+// AVX-512 (an AVX2-only CPU), and says so only when a primitive is made.
+extern "C" int CovidFlaxOnednnConvSupports(int data_type) {
+  Geometry g;
+  g.n = 2, g.c = 3, g.h = g.w = 8, g.o = 4, g.kh = g.kw = 3, g.oh = g.ow = 8;
+  g.data_type = data_type;
+  g.out_type = kF32;
+  for (int i = 0; i < 2; ++i) g.strides[i] = 1, g.pad_l[i] = g.pad_r[i] = 1;
+  for (Kind kind : {kForward, kBackwardData, kBackwardWeights}) {
+    Primitive p;
+    bool made = Make(kind, g, p).success();
+    for (Operand& op : p.operands) {
+      if (op.reorder) dnnl_primitive_destroy(op.reorder);
+      if (op.user) dnnl_memory_desc_destroy(op.user);
+    }
+    if (p.primitive) dnnl_primitive_destroy(p.primitive);
+    if (p.pd) dnnl_primitive_desc_destroy(p.pd);
+    if (p.fwd_pd) dnnl_primitive_desc_destroy(p.fwd_pd);
+    if (!made) return 0;
+  }
+  return 1;
+}
 
 // How many convolutions this process has run on oneDNN (tests: proof the path ran), and the time
 // spent in them (benchmarks: the convolutions' share of a step).
