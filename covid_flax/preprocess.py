@@ -92,10 +92,11 @@ def randomize_appearance(
 
 
 def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """Per-example random affine transform (rotation, zoom, translation; bilinear, beyond the border
-  edge pixels repeated or black: `aug_fill`), horizontal flip, brightness/contrast jitter and `randomize_appearance` (where its
-  fields are on) of [0, 1] images (N, H, W, 1)."""
+  """Per-example random affine transform (rotation, zoom, translation; bilinear; beyond the border
+  edge pixels repeated or black, `aug_fill`), horizontal flip, brightness/contrast jitter and
+  `randomize_appearance` (where its fields are on) of [0, 1] images (N, H, W, 1)."""
   size = images.shape[1]
+  fill = "constant" if config.aug_fill == "black" else "nearest"  # constant: 0, black.
   center = (size - 1) / 2.0
   grid_y, grid_x = jnp.mgrid[0:size, 0:size].astype(jnp.float32) - center
 
@@ -114,7 +115,6 @@ def augment(images: jax.Array, keys: jax.Array, config: ml_collections.ConfigDic
     src_x = (sin * y + cos * x) / zoom + center
     if config.aug_hflip:
       src_x = jnp.where(jax.random.bernoulli(k_flip), 2 * center - src_x, src_x)
-    fill = "constant" if config.aug_fill == "black" else "nearest"
     image = jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1, mode=fill)
     image = image + uniform(k_bright, config.aug_brightness)
     mean = image.mean()

@@ -169,29 +169,23 @@ def test_a_cpu_without_bfloat16_convolutions_keeps_a_bfloat16_model_on_xla(monke
   # An AVX2-only CPU: oneDNN makes no bfloat16 convolution there (it fails when asked for one).
   monkeypatch.setattr(cpu_conv, "unavailable_reason", lambda: None)
   monkeypatch.setattr(cpu_conv, "supports", lambda dtype: jnp.dtype(dtype) == jnp.float32)
-  config = tiny_config("", model="tiny_cnn", image_size=40, half_precision=True, cpu_conv="onednn")
-  model = models.from_config(config)
-  convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+
+  def model(half_precision):
+    return models.from_config(tiny_config("", model="tiny_cnn", image_size=40,
+                                          half_precision=half_precision, cpu_conv="onednn"))  # fmt: skip
+
+  bf16_model = model(half_precision=True)
+  convs = [m for _, m in nnx.iter_graph(bf16_model) if isinstance(m, nnx.Conv)]
   assert all(c.conv_general_dilated is lax.conv_general_dilated for c in convs)
-  assert cpu_conv.use_onednn(model, "onednn") == (
-    "XLA (oneDNN has no bfloat16 convolutions on this CPU: they need AVX-512)"
-  )
-  x = jnp.ones((1, 9, 9, 2), jnp.bfloat16)
-  w = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
+  expected = "XLA (oneDNN has no bfloat16 convolutions on this CPU: they need AVX-512)"
+  assert cpu_conv.use_onednn(bf16_model, "onednn") == expected
+  assert cpu_conv.use_onednn(model(half_precision=False), "onednn") == "oneDNN"
+  x, w = jnp.ones((1, 9, 9, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 4), jnp.bfloat16)
   dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  text = (
-    jax.jit(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
-    .lower(x, w)
-    .as_text()
+  conv = jax.jit(
+    lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
   )
-  assert "covid_flax_onednn" not in text.lower()  # A direct call falls back too.
-  assert (
-    cpu_conv.use_onednn(
-      models.from_config(tiny_config("", model="tiny_cnn", image_size=40, cpu_conv="onednn")),
-      "onednn",
-    )
-    == "oneDNN"
-  )
+  assert "covid_flax_onednn" not in conv.lower(x, w).as_text().lower()  # A direct call falls back.
 
 
 @needs_onednn
