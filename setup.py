@@ -35,7 +35,7 @@ setuptools.setup(
   ],
   package_data={"covid_flax.cpu_conv": ["*.cc"]},
   extras_require={
-    "dev": ["pytest>=8.0", "ruff>=0.6"],
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6"],
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "bench": ["tensorflow-cpu>=2.16"],
