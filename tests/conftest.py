@@ -35,19 +35,6 @@ flags.FLAGS.mark_as_parsed()  # grain reads absl flags.
 
 from helpers import tiny_config  # noqa: E402
 
-# The modules that take minutes (trainings, processes), slowest first: with README's two workers
-# (pytest-xdist, whole modules each) they start first, so neither worker is left alone at the end.
-_SLOWEST_MODULES = ("test_torch_weights", "test_train", "test_multihost", "test_evaluate",
-                    "test_models", "test_parallel", "test_benchmark", "test_simclr")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = getattr(item.module, "__name__", "") if hasattr(item, "module") else ""
-    return _SLOWEST_MODULES.index(name) if name in _SLOWEST_MODULES else len(_SLOWEST_MODULES)
-
-  items.sort(key=rank)  # Stable: tests keep their order within a module.
-
 
 def pytest_configure(config):
   config.addinivalue_line(

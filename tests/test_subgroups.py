@@ -176,8 +176,12 @@ def test_kept_ct_results_exist():
                                         "old_seed0_probe", "old_seed0_test",
                                         "ssl_strong_seed0_probe", "ssl_strong_seed1_probe",
                                         "strong_crops_f32_seed0_probe",
+                                        "strong_crops_f32_seed0_test",
                                         "strong_crops_jpeg_seed0_probe",
                                         "strong_crops_seed0_probe", "strong_crops_seed0_test",
                                         "strong_crops_seed1_probe",
+                                        "strongest_crops_f32_seed0_probe",
+                                        "strongest_crops_f32_seed0_test",
+                                        "strongest_crops_f32_seed1_probe",
                                         "window_downscale_seed0_probe",
                                         "window_downscale_seed1_probe"]  # fmt: skip
