@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   # on that fold instead of on eval_split. 0 is off.
   config.cv_folds = 0
   config.cv_fold = 0
+  # Train only on the examples of these sources (comma-separated values of the dataset's `source`
+  # feature, e.g. 'paper,crawled' for COVID-CT: both classes cut from papers); '' trains on all.
+  # Validation and test stay whole.
+  config.train_sources = ""
   config.image_size = 128
   # Keep the central fraction of each side before resizing (1.0: the whole image). Cuts image
   # borders, corner markers and burned-in text, which can identify the source instead of the disease.

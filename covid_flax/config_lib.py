@@ -27,8 +27,8 @@ EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
 # Fields that make a checkpoint unusable by a run with other values: the train state's shapes or
 # structure change (the optimizer's state, clipping on or off), or the data it was trained on and
 # the meaning of its step and data-iterator position (batch size, training split).
-INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "cv_folds", "cv_fold", "model",
-                       "half_precision", "optimizer", "batch_size", "ssl_projection_dim",
+INCOMPATIBLE_FIELDS = (*DATA_FIELDS, "train_split", "train_sources", "cv_folds", "cv_fold",
+                       "model", "half_precision", "optimizer", "batch_size", "ssl_projection_dim",
                        "input_norm")  # fmt: skip
 
 
@@ -54,6 +54,7 @@ ADDED_FIELDS = {
   "sam_rho": 0.0,
   "cv_folds": 0,
   "cv_fold": 0,
+  "train_sources": "",
   "input_norm": "default",
   "backbone_lr_scale": 1.0,
   "frozen_backbone_epochs": 0.0,
@@ -116,6 +117,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "manual_dir": (str, _ANY),
   "train_split": (str, _ANY),
   "eval_split": (str, _ANY),
+  "train_sources": (str, _ANY),
   "cv_folds": (int, ((lambda v: v == 0 or 2 <= v <= 100), "0 (off) or 2..100")),
   "cv_fold": (int, _NON_NEGATIVE),
   "image_size": (int, _range(32, 1024)),

@@ -217,13 +217,39 @@ def load_train_and_eval(
   """The data a run trains on and the data it is validated on (and picks its 'best' checkpoint
   and its threshold by): config.train_split and config.eval_split, or with config.cv_folds = K,
   config.train_split without its patient-wise fold config.cv_fold, and that fold."""
-  # Streamed, the training split's metadata is read only where folds need its labels and patients.
-  need = not stream or bool(config.cv_folds)
+  # Streamed, the training split's metadata is read only where folds or sources need it.
+  need = not stream or bool(config.cv_folds) or bool(config.train_sources)
   train = load_split(config, config.train_split, stream=stream, metadata=need)
   if not config.cv_folds:
-    return train, load_split(config, config.eval_split, stream=stream)
+    return keep_sources(train, config), load_split(config, config.eval_split, stream=stream)
   train_idx, eval_idx = cv_fold_indices(train, config.cv_folds, config.cv_fold)
-  return train.subset(train_idx), train.subset(eval_idx)
+  return keep_sources(train.subset(train_idx), config), train.subset(eval_idx)
+
+
+def keep_sources(data: SplitData, config: ml_collections.ConfigDict) -> SplitData:
+  """`data` without the examples whose `source` is not in config.train_sources (comma-separated;
+  '' keeps all). For training only: what a run validates and is tested on stays whole."""
+  if not config.train_sources:
+    return data
+  wanted = [s.strip() for s in config.train_sources.split(",")]
+  if "source" not in data.attributes:
+    raise config_lib.ConfigError(
+      f"config.train_sources={config.train_sources!r}: {config.dataset} records no `source` "
+      "for its examples; use '' (all)"
+    )
+  present = set(data.attributes["source"].tolist())
+  unknown = sorted(set(wanted) - present)
+  if unknown:
+    raise config_lib.ConfigError(
+      f"config.train_sources={config.train_sources!r}: no training example of {config.dataset} "
+      f"has source {unknown}; its sources are {sorted(present)}"
+    )
+  kept = data.subset(np.flatnonzero(np.isin(data.attributes["source"], wanted)))
+  if len(np.unique(kept.labels)) < 2:
+    raise config_lib.ConfigError(
+      f"config.train_sources={config.train_sources!r} leaves one class only in {config.train_split}"
+    )
+  return kept
 
 
 def load_eval(config: ml_collections.ConfigDict) -> SplitData:
@@ -251,7 +277,7 @@ def eval_is_held_out(config: ml_collections.ConfigDict) -> bool:
 def count_trained_on(config: ml_collections.ConfigDict, split: str) -> int:
   """How many examples of `split` the run trained on."""
   shared = count_shared_examples(config, config.train_split, split)
-  if not shared or not config.cv_folds:
+  if not shared or not (config.cv_folds or config.train_sources):
     return shared
   trained = set(load_train_and_eval(config)[0].filenames.tolist())
   return sum(f in trained for f in load_split(config, split).filenames.tolist())

@@ -15,6 +15,8 @@ import tensorflow_datasets as tfds
 from helpers import assert_nothing_prepared, smooth_image
 from PIL import Image
 
+from configs import default
+from covid_flax import config_lib, input_pipeline
 from covid_flax.datasets import audit, common, covid_ct, image_io
 from covid_flax.datasets.common import DatasetError
 
@@ -187,6 +189,37 @@ def test_features(built_keep):
   # 16-bit is scaled (x*257 -> x), not clipped to 255.
   expected = np.asarray(smooth_image(_seed("b-p3.png")))
   np.testing.assert_array_equal(by_name["CT_COVID/b-p3.png"]["image"][..., 0], expected)
+
+
+def test_train_sources_keeps_those_sources_for_training_only(built_keep):
+  builder, _ = built_keep
+  config = default.get_config()
+  config.dataset = "covid_ct/keep_duplicates"
+  config.data_dir = str(Path(builder.data_dir).parents[2])  # DATA_DIR/covid_ct/CONFIG/VERSION.
+  config.image_size = 32
+  config.train_split = "train+test"  # The fake tree's MedPix slices are in val and test.
+  whole_train, whole_val = input_pipeline.load_train_and_eval(config)
+  assert "medpix" in whole_train.attributes["source"]
+  config.train_sources = "paper, crawled"
+  for stream in (False, True):
+    train, val = input_pipeline.load_train_and_eval(config, stream=stream)
+    keep = whole_train.attributes["source"] != "medpix"
+    np.testing.assert_array_equal(train.filenames, whole_train.filenames[keep])
+    np.testing.assert_array_equal(train.labels, whole_train.labels[keep])
+    np.testing.assert_array_equal(val.filenames, whole_val.filenames)  # Validation stays whole.
+  test = input_pipeline.load_split(config, "test")  # Evaluations count what the run trained on.
+  assert input_pipeline.count_trained_on(config, "test") == sum(
+    test.attributes["source"] != "medpix"
+  )
+  config.train_sources = "paper,pubmed"
+  with pytest.raises(config_lib.ConfigError, match=r"train_sources='paper,pubmed'.*\['pubmed'\]"):
+    input_pipeline.load_train_and_eval(config)
+  config.train_sources = "crawled,medpix"
+  with pytest.raises(config_lib.ConfigError, match="train_sources='crawled,medpix' leaves one"):
+    input_pipeline.load_train_and_eval(config)
+  no_source = input_pipeline.SplitData(whole_train.images, whole_train.labels, None, None)
+  with pytest.raises(config_lib.ConfigError, match="records no `source`"):
+    input_pipeline.keep_sources(no_source, config)
 
 
 def test_patient_wise(built_keep):

@@ -172,6 +172,7 @@ def test_kept_ct_results_exist():
                                         "crop_app_seed0_probe",
                                         "crop_app_seed0_test", "crops_seed0_probe",
                                         "crops_seed0_test", "crops_seed1_probe",
+                                        "cutmix_f32_seed0_probe",
                                         "jpeg_seed0_probe", "jpeg_seed1_probe",
                                         "old_seed0_probe", "old_seed0_test",
                                         "ssl_strong_seed0_probe", "ssl_strong_seed1_probe",
