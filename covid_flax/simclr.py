@@ -232,7 +232,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
       "a device cache only: pretrain with input_mode=cache on a split that fits in memory"
     )
   mesh = parallel.create_mesh()
-  data = input_pipeline.load_split(config, config.train_split)
+  data = input_pipeline.keep_sources(input_pipeline.load_split(config, config.train_split), config)
   steps_per_epoch = optim.count_steps_per_epoch(config, len(data))
   total_steps = steps_per_epoch * config.num_epochs
   tx = optim.create_optimizer(config, steps_per_epoch, total_steps)

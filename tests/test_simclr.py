@@ -175,3 +175,20 @@ def test_disk_full_stops_pretraining_cleanly_and_resumes(
   with fill_disk(small_disk), pytest.raises(simclr.checkpointing.CheckpointError, match="intact"):
     simclr.pretrain(config, str(workdir))
   assert int(simclr.pretrain(config, str(workdir)).step) == 3 * (618 // 64)  # Resumes.
+
+
+def test_pretraining_and_training_name_an_unknown_train_source(synthetic_data_dir, tmp_path):
+  from configs import ct_ssl
+
+  config = ct_ssl.get_config()
+  config.dataset = "covid_synthetic/cxr"
+  for key, value in {**_ssl_flags(synthetic_data_dir), "train_sources": "paper"}.items():
+    config[key] = value
+  message = (
+    r"config.train_sources='paper': .* has source \['paper'\]; its sources are \['synthetic'\]"
+  )
+  with pytest.raises(config_lib.ConfigError, match=message):
+    simclr.pretrain(config, str(tmp_path / "ssl"))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train.train_and_evaluate(tiny_config(synthetic_data_dir, train_sources="paper"), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
