@@ -8,10 +8,12 @@ the same framing:
 1. **Body.** The slice is thresholded (Otsu, on a lightly smoothed copy) and opened with a small
    disk, so that thin bridges (the table, a caption's underline, text strokes) break. Bright
    components that cover most of the image border are page margins or frames and are dropped; of
-   the rest, the largest is the body wall and soft tissue of a lung-window slice. Its holes (the
-   lungs) are filled, and every row is filled between its leftmost and rightmost body pixel, so a
-   lung that touches a tight crop's top or bottom edge is kept. A slice already cropped inside the
-   body (tissue round the border and no other large component) is all body.
+   the rest, the largest is the body wall and soft tissue of a lung-window slice. The body is its
+   convex hull: that takes in the lungs (its holes), and also a lung that runs off a tight crop's
+   edge, where the component is open and a hole fill would lose it. A slice already cropped inside
+   the body (tissue round the border and no other large component) is all body. Still missed: a
+   crop so tight that the body wall is left in pieces, where the largest component is the
+   mediastinum alone (about 16 of COVID-CT's 746 slices; docs/ct_probe.md).
 2. **Lungs.** Inside the body, the dark pixels (Otsu over the body) are opened, and the components
    of at least `_MIN_LUNG_FRACTION` of the body are the lungs (and the airways between them).
 3. **Crop.** The lungs' bounding box plus `_MARGIN_FRACTION` of its size on each side (at least
@@ -25,7 +27,7 @@ Where no lungs are found the crop falls back to the body, and where no body is f
 """
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 _MIN_BODY_FRACTION = 0.1  # Of the image area.
 _MIN_LUNG_FRACTION = 0.01  # Of the body's area.
@@ -66,13 +68,26 @@ def _border(array: np.ndarray) -> np.ndarray:
   return np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
 
 
-def _fill_rows(mask: np.ndarray) -> np.ndarray:
-  """Every row of `mask` True between its first and last True pixel."""
-  columns = np.arange(mask.shape[1])
-  any_row = mask.any(axis=1)
-  first = np.where(any_row, mask.argmax(axis=1), mask.shape[1])
-  last = np.where(any_row, mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1), -1)
-  return (columns >= first[:, None]) & (columns <= last[:, None])
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+  """The pixels whose centres lie in the convex hull of `mask`'s pixels (as unit squares)."""
+  rows = np.flatnonzero(mask.any(axis=1))
+  if rows.size == 0:
+    return np.zeros(mask.shape, bool)
+  first = mask[rows].argmax(axis=1)  # Each row's outermost pixels are all the hull needs.
+  last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+  points = np.concatenate(  # The outer corners of those pixels, as (y, x).
+    [np.stack([rows + dy, x], axis=1) for x in (first, last + 1) for dy in (0, 1)]
+  ).astype(np.float64)
+  hull = points[spatial.ConvexHull(points).vertices]  # (y, x), counter-clockwise.
+  (y0, x0), (y1, x1) = hull.T, np.roll(hull, -1, axis=0).T
+  centres = np.arange(mask.shape[0])[:, None] + 0.5
+  with np.errstate(divide="ignore", invalid="ignore"):
+    crossing = x0 + (centres - y0) * (x1 - x0) / (y1 - y0)
+  spans = (np.minimum(y0, y1) <= centres) & (centres <= np.maximum(y0, y1)) & (y0 != y1)
+  left = np.where(spans, crossing, np.inf).min(axis=1)
+  right = np.where(spans, crossing, -np.inf).max(axis=1)
+  centres_x = np.arange(mask.shape[1]) + 0.5
+  return (centres_x >= left[:, None]) & (centres_x <= right[:, None])
 
 
 def body_mask(image: np.ndarray) -> np.ndarray | None:
@@ -87,7 +102,7 @@ def body_mask(image: np.ndarray) -> np.ndarray | None:
   sizes[frames] = 0
   if sizes.any():
     body = labels == sizes.argmax()
-    body = ndimage.binary_fill_holes(body) | _fill_rows(body)
+    body = convex_hull(body)
     if body.sum() >= _MIN_BODY_FRACTION * image.size:
       return body
   # Tissue round the border and nothing else large: a slice cropped inside the body.

@@ -10,9 +10,10 @@ Prints one JSON object per line. Train and eval steps run on in-memory random ui
 same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
 on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
 warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
-tensorflow-cpu) times the same architecture, image size, batch and optimizer in Keras in this
-process, alternating windows with ours, and prints the ratio (TF then shares our one malloc heap,
-`covid_flax/cpu_defaults.py`, and our windows scatter: time ours alone too). `--epoch_scaling=1,2,4`
+tensorflow-cpu) times the same model (seed_cnn or resnet18, `scripts/keras_reference.py`), image
+size, batch and optimizer in Keras in this process, alternating windows with ours, and prints the
+ratio (TF then shares our one malloc heap, `covid_flax/cpu_defaults.py`, and our windows scatter:
+time ours alone too). `--epoch_scaling=1,2,4`
 instead times whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4
 times. `--scaling` measures one training setup as `train` runs it, real data and all (one per
 process, so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's
@@ -31,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import keras_reference  # noqa: E402  (scripts/, beside this file)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -54,8 +56,8 @@ flags.DEFINE_integer("batch_size", None, "Override config.batch_size (global).")
 flags.DEFINE_integer("steps", 10, "Steps per timing window.")
 flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
 flags.DEFINE_multi_enum("reference", [], ["keras", "xla"], "Also time a reference: 'keras' (the "
-                        "same CNN in Keras, mixed_bfloat16 when half_precision), 'xla' (ours with "
-                        "config.cpu_conv='xla'). Repeatable.")  # fmt: skip
+                        "same model in Keras, seed_cnn or resnet18; mixed_bfloat16 when "
+                        "half_precision), 'xla' (ours with config.cpu_conv='xla'). Repeatable.")  # fmt: skip
 flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the training split "
                   "repeated k times, for each k of this list (e.g. 1,2,4).")  # fmt: skip
 flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
@@ -138,7 +140,7 @@ def benchmark_train_eval(config, references=()) -> None:
   steps = {"ours": ours}
   for name in references:
     if name == "keras":
-      steps[name] = _keras_step(config)
+      steps[name] = keras_reference.train_step(config)
     else:
       xla_config = config.copy_and_resolve_references()
       xla_config.cpu_conv = "xla"
@@ -159,40 +161,6 @@ def benchmark_train_eval(config, references=()) -> None:
 
   eval_rates = _windows(lambda: ours_eval(eval_batch), FLAGS.windows + 1, FLAGS.steps, batch)[1:]
   _emit(config, "eval", img_per_s=statistics.median(eval_rates))
-
-
-def _keras_step(config):
-  """One Keras train step of the study's CNN (same layers, batch, optimizer), on random data."""
-  import tensorflow as tf  # Optional: pip install -e ".[bench]"
-
-  # Keras at our precision: bfloat16 compute, float32 variables, like config.half_precision.
-  tf.keras.mixed_precision.set_global_policy(
-    "mixed_bfloat16" if config.half_precision else "float32"
-  )
-
-  if config.model != "seed_cnn":
-    raise app.UsageError("--reference=keras is defined for the study's model, --model=seed_cnn")
-  layers = tf.keras.layers
-  size = config.image_size
-  model = tf.keras.Sequential([
-      tf.keras.Input((size, size, 1)),
-      layers.Conv2D(32, 3, activation="relu"), layers.Conv2D(64, 3, activation="relu"),
-      layers.MaxPooling2D(), layers.Dropout(config.dropout_rate),
-      layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(),
-      layers.Dropout(config.dropout_rate),
-      layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(),
-      layers.Dropout(config.dropout_rate),
-      layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dropout(0.5),
-      layers.Dense(2, dtype="float32"),
-  ])  # fmt: skip
-  model.compile(
-    optimizer=tf.keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-  )
-  rng = np.random.default_rng(0)
-  x = tf.constant(rng.random((config.batch_size, size, size, 1), dtype=np.float32))
-  y = tf.constant(rng.integers(0, 2, (config.batch_size,)))
-  return lambda: model.train_on_batch(x, y)
 
 
 def benchmark_input(config, split: str) -> None:

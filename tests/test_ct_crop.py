@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 from configs import default
 from covid_flax import ct_crop, image_prep, preprocess
@@ -95,6 +95,35 @@ def test_a_slice_cropped_inside_the_body_is_all_body():
   lungs = ct_crop.lungs_mask(clinical, ct_crop.body_mask(clinical))
   _, truth, _ = _anatomy(clinical.shape, 80, 100, 2.0)
   assert (lungs & truth).sum() / (lungs | truth).sum() > 0.9
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_a_lung_that_runs_off_the_edge_stays_in_the_body(turns):
+  # A tight crop whose left lung (and body wall) the image edge cuts: the body component is open
+  # there, so its holes alone would lose that lung. Turned to each edge in turn.
+  args = ((200, 200), 100, 60, 2.0)
+  image = _slice({"tissue": 200, "lung": 40, "glass": 110}, *args, background=0, seed=2)
+  body_truth, lungs_truth, _ = _anatomy(*args)
+  image, body_truth, lungs_truth = (np.rot90(x, turns) for x in (image, body_truth, lungs_truth))
+  body = ct_crop.body_mask(image)
+  assert body[lungs_truth].mean() > 0.99
+  assert body[~body_truth].mean() < 0.05  # The air round the body stays out.
+  lungs = ct_crop.lungs_mask(image, body)
+  assert (lungs & lungs_truth).sum() / (lungs | lungs_truth).sum() > 0.9
+
+
+def test_convex_hull_matches_qhull_on_pixel_centres():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    mask = rng.random(tuple(rng.integers(3, 40, size=2))) < rng.uniform(0.01, 0.3)
+    mask[rng.integers(mask.shape[0]), rng.integers(mask.shape[1])] = True
+    ys, xs = np.nonzero(mask)
+    squares = np.concatenate([np.stack([ys + dy, xs + dx], 1) for dy in (0, 1) for dx in (0, 1)])
+    facets = spatial.ConvexHull(squares).equations
+    centres = np.stack(np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]], -1).reshape(-1, 2) + 0.5
+    expected = (centres @ facets[:, :2].T + facets[:, 2] <= 1e-9).all(1).reshape(mask.shape)
+    np.testing.assert_array_equal(ct_crop.convex_hull(mask), expected)
+  assert not ct_crop.convex_hull(np.zeros((4, 5), bool)).any()
 
 
 def test_lung_fields_keep_the_lungs_with_their_opacity_and_nothing_else():
