@@ -10,9 +10,9 @@ import numpy as np
 
 def train_step(config: ml_collections.ConfigDict) -> Callable[[], object]:
   """One Keras train step of `config.model` on a fixed random batch, at config's precision."""
+  model = keras_model(config)
   import tensorflow as tf
 
-  model = keras_model(config)
   rng = np.random.default_rng(0)
   size = config.image_size
   x = tf.constant(rng.random((config.batch_size, size, size, 1), np.float32))
