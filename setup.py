@@ -23,6 +23,7 @@ setuptools.setup(
     "pillow>=10.0",
     "scikit-learn>=1.7",  # brier_score_loss(labels=...)
     "scipy>=1.11",  # ndimage: the CT lung crop
+    "scikit-image>=0.24",  # CLAHE (config.clahe)
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",

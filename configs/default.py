@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Equalise each image's grey-level histogram (after the crop): figures from papers, scanners and
   # screenshots differ in windowing and contrast, which a model can learn instead of the disease.
   config.equalize = False
+  # > 0: then contrast-limited adaptive histogram equalisation (CLAHE, scikit-image's; this is its
+  # clip limit, in (0, 1], higher is stronger), with ct_crop over the body only: raises the local
+  # contrast of fine texture that a global equalisation spends on large-scale gradients.
+  config.clahe = 0.0
   # Keep only the typical lung fields of a frontal chest X-ray (`image_prep.lung_field_mask`:
   # two fixed ellipses; the rest is set to black), after the crop: removes corner text, markers and
   # borders. A documented prior, not a segmentation: for CXR ablations. With ct_crop: black outside

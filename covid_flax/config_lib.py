@@ -19,7 +19,7 @@ CPU_CONVS = ("onednn", "xla")
 AUG_FILLS = ("edge", "black")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
-DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "lung_mask", "ct_crop",
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "clahe", "lung_mask", "ct_crop",
                "ct_window_center", "ct_window_width")  # fmt: skip
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
 # agree: a member trained on another's validation data would leak into the threshold).
@@ -42,6 +42,7 @@ ADDED_FIELDS = {
   "tta_hflip": False,
   "center_crop": 1.0,
   "equalize": False,
+  "clahe": 0.0,
   "lung_mask": False,
   "ct_crop": False,
   "aug_gamma": 0.0,
@@ -123,6 +124,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "image_size": (int, _range(32, 1024)),
   "center_crop": ((int, float), _range(0.2, 1)),
   "equalize": (bool, _ANY),
+  "clahe": ((int, float), _FRACTION),
   "lung_mask": (bool, _ANY),
   "ct_crop": (bool, _ANY),
   "ct_window_center": ((int, float), _range(-2000, 4000)),

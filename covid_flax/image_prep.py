@@ -35,16 +35,20 @@ def resize(
   equalize: bool = False,
   lung_mask: bool = False,
   ct_crop: bool = False,
+  clahe: float = 0.0,
 ) -> np.ndarray:
   """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
   side, stretched to a square (no padding, which would add borders that differ by source), its
   grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
   `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
-  any, over the body only; with `lung_mask` black outside the lungs it finds, equalised over them)."""
+  any, over the body only; with `lung_mask` black outside the lungs it finds, equalised over them).
+  `clahe` > 0: contrast-limited adaptive equalisation after those, before resizing
+  (`ct_crop.adaptive_equalize`; with `ct_crop` over the pixels it keeps)."""
   image = np.asarray(image).reshape(image.shape[0], image.shape[1])
   if ct_crop:
-    image = ct_crop_lib.crop_to_lungs(image, equalize, lungs_only=lung_mask)
+    image = ct_crop_lib.crop_to_lungs(image, equalize, lungs_only=lung_mask, clahe=clahe)
     equalize = lung_mask = False
+    clahe = 0.0
   pil = Image.fromarray(image, mode="L")
   if center_crop < 1.0:
     w, h = pil.size
@@ -52,6 +56,8 @@ def resize(
     pil = pil.crop((dw, dh, w - dw, h - dh))
   if equalize:
     pil = ImageOps.equalize(pil)
+  if clahe > 0:
+    pil = Image.fromarray(ct_crop_lib.adaptive_equalize(np.asarray(pil), clahe), mode="L")
   if pil.size != (size, size):
     pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
   out = np.asarray(pil, dtype=np.uint8)
@@ -69,6 +75,7 @@ def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.nd
     config.equalize,
     config.lung_mask,
     config.ct_crop,
+    config.clahe,
   )
 
 

@@ -9,11 +9,11 @@
 Prints one JSON object per line. Train and eval steps run on in-memory random uint8 images (the
 same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
 on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
-warm-up, each window closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
+warm-up window, each closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
 tensorflow-cpu) times the same model (seed_cnn or resnet18, `scripts/keras_reference.py`), image
-size, batch and optimizer in Keras in this process, alternating windows with ours, and prints the
-ratio (TF then shares our one malloc heap, `covid_flax/cpu_defaults.py`, and our windows scatter:
-time ours alone too). `--epoch_scaling=1,2,4`
+size, batch and optimizer in Keras, in a process of its own (not sharing our malloc heap),
+alternating windows with ours, each process idle while the other runs, and prints the ratio.
+`--epoch_scaling=1,2,4`
 instead times whole epochs (grain iterator included) on the config's training split repeated 1, 2, 4
 times. `--scaling` measures one training setup as `train` runs it, real data and all (one per
 process, so that peak RSS is its own): time to first step, steady train img/s, the input pipeline's
@@ -56,8 +56,9 @@ flags.DEFINE_integer("batch_size", None, "Override config.batch_size (global).")
 flags.DEFINE_integer("steps", 10, "Steps per timing window.")
 flags.DEFINE_integer("windows", 5, "Timing windows (the median is reported).")
 flags.DEFINE_multi_enum("reference", [], ["keras", "xla"], "Also time a reference: 'keras' (the "
-                        "same model in Keras, seed_cnn or resnet18; mixed_bfloat16 when "
-                        "half_precision), 'xla' (ours with config.cpu_conv='xla'). Repeatable.")  # fmt: skip
+                        "same model in Keras, seed_cnn or resnet18, in a process of its own; "
+                        "mixed_bfloat16 when half_precision), 'xla' (ours with "
+                        "config.cpu_conv='xla'). Repeatable.")  # fmt: skip
 flags.DEFINE_list("epoch_scaling", None, "Instead: time whole epochs on the training split "
                   "repeated k times, for each k of this list (e.g. 1,2,4).")  # fmt: skip
 flags.DEFINE_integer("epochs", 2, "Epochs timed per size with --epoch_scaling (after one warm-up).")
@@ -137,20 +138,26 @@ def benchmark_train_eval(config, references=()) -> None:
   eval_batch = parallel.global_batch(mesh, {"image": data.images[:batch], "label": host["label"]})
 
   ours, ours_eval = _jax_steps(config, mesh, cache, device_batch)
-  steps = {"ours": ours}
+  # Warm-up: a whole window, as the first after a restart is slow (huge pages gathered, cpu_defaults).
+  _windows(ours, 1, FLAGS.steps, batch)
+  windows = {"ours": lambda: _windows(ours, 1, FLAGS.steps, batch)[0]}
+  keras = keras_reference.Worker(config) if "keras" in references else None
   for name in references:
     if name == "keras":
-      steps[name] = keras_reference.train_step(config)
+      keras.window(FLAGS.steps)  # Its warm-up window.
+      windows[name] = lambda: keras.window(FLAGS.steps)
     else:
       xla_config = config.copy_and_resolve_references()
       xla_config.cpu_conv = "xla"
-      steps[name] = _jax_steps(xla_config, mesh, cache, device_batch)[0]
-  rates = {name: [] for name in steps}
-  for step in steps.values():
-    jax.block_until_ready(step())  # warm-up
+      xla = _jax_steps(xla_config, mesh, cache, device_batch)[0]
+      _windows(xla, 1, FLAGS.steps, batch)
+      windows[name] = lambda xla=xla: _windows(xla, 1, FLAGS.steps, batch)[0]
+  rates = {name: [] for name in windows}
   for _ in range(FLAGS.windows):  # Alternate windows so all see the same machine state.
-    for name, step in steps.items():
-      rates[name] += _windows(step, 1, FLAGS.steps, batch)
+    for name, window in windows.items():
+      rates[name].append(window())
+  if keras is not None:
+    keras.close()
   img_s = statistics.median(rates["ours"])
   _emit(config, "train", cpu_conv=_conv_run(config), img_per_s=img_s, step_ms=1000 * batch / img_s,
         windows=[round(r, 2) for r in rates["ours"]])  # fmt: skip

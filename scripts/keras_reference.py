@@ -1,11 +1,75 @@
 """Keras twins of this codebase's models, for `scripts/benchmark.py --reference=keras`: the same
 layers, image size, batch and optimizer in TensorFlow (oneDNN convolutions), so a ratio of train
-rates compares the two stacks on the same work. Needs the `bench` extra (tensorflow-cpu)."""
+rates compares the two stacks on the same work. Needs the `bench` extra (tensorflow-cpu).
 
+The benchmark runs the twin in a process of its own (`Worker`), one timing window at a time in turn
+with ours, each process idle while the other runs: in one process TensorFlow shares our one malloc
+heap (`covid_flax/cpu_defaults.py`) and our windows scattered (docs/performance.md)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
+
+# The config fields the twin is built from, all that crosses to the worker process.
+_FIELDS = ("model", "image_size", "batch_size", "half_precision", "learning_rate", "weight_decay",
+           "dropout_rate")  # fmt: skip
+
+
+class Worker:
+  """The Keras twin of `config` trained in a child process on a fixed batch; `window(steps)` runs
+  `steps` train steps there (after one warm-up step at start) and returns its img/s."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    if config.model not in _BUILDERS:
+      keras_model(config)  # Names the model without starting TensorFlow.
+    if importlib.util.find_spec("tensorflow") is None:
+      raise RuntimeError(f"--reference=keras needs TensorFlow in {sys.executable}: "
+                         "pip install -e '.[bench]'")  # fmt: skip
+    self._log = tempfile.TemporaryFile("w+")  # TensorFlow's start-up chatter, shown on failure.
+    self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._log, text=True)  # fmt: skip
+    self._request(json.dumps({k: config[k] for k in _FIELDS}))
+
+  def window(self, steps: int) -> float:
+    return float(self._request(str(steps)))
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait()
+    self._log.close()
+
+  def _request(self, line: str) -> str:
+    try:
+      self._proc.stdin.write(line + "\n")
+      self._proc.stdin.flush()
+      reply = self._proc.stdout.readline()
+    except BrokenPipeError:
+      reply = ""
+    if not reply:
+      self._log.seek(0)
+      tail = self._log.read()[-2000:]
+      raise RuntimeError(f"the Keras reference process ({sys.executable} {__file__}) died:\n{tail}")
+    return reply.strip()
+
+
+def _serve() -> None:
+  """The worker's loop: a config line, one warm-up step, then one window per line of stdin."""
+  config = ml_collections.ConfigDict(json.loads(sys.stdin.readline()))
+  step = train_step(config)
+  step()
+  print("ready", flush=True)
+  for line in sys.stdin:
+    start = time.perf_counter()
+    for _ in range(int(line)):
+      step()  # train_on_batch returns the loss as a NumPy value: the step has finished.
+    print(int(line) * config.batch_size / (time.perf_counter() - start), flush=True)
 
 
 def train_step(config: ml_collections.ConfigDict) -> Callable[[], object]:
@@ -72,3 +136,7 @@ def _resnet18(layers, x, config):
 
 
 _BUILDERS = {"seed_cnn": _seed_cnn, "resnet18": _resnet18}
+
+
+if __name__ == "__main__":
+  _serve()

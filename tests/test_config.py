@@ -107,6 +107,7 @@ def test_a_cropped_run_cannot_resume_uncropped():
     ("grad_clip_norm", 0.0, 1.0),
     ("sam_rho", 0.0, 0.05),
     ("equalize", False, True),
+    ("clahe", 0.0, 0.01),
     ("lung_mask", False, True),
     ("train_split", "train", "train+val"),
   ],

@@ -5,7 +5,7 @@ import io
 import jax
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from scipy import ndimage, spatial
 
 from configs import default
@@ -179,6 +179,55 @@ def test_ct_crop_is_part_of_the_prepared_image():
     )
   )
   np.testing.assert_array_equal(cropped[..., 0], expected)
+
+
+def _faint_texture_slice(texture_sd: float) -> tuple[np.ndarray, np.ndarray]:
+  """A slice whose lungs carry a large-scale gradient (dependent density) and a fine texture."""
+  rng = np.random.default_rng(0)
+  body, lungs, _ = _anatomy((200, 240), 100, 120, 2.0)
+  image = np.where(body, 220.0, 0.0)
+  rows = np.mgrid[0:200, 0:240][0]
+  image[lungs] = 20 + 0.5 * (rows[lungs] - 56) + rng.normal(0, texture_sd, lungs.sum())
+  return np.clip(image, 0, 255).astype(np.uint8), lungs
+
+
+def _lung_texture(prepared: np.ndarray) -> float:
+  """Standard deviation of the fine texture (the image less its 5x5 mean) inside the lungs."""
+  prepared = prepared.astype(float)
+  lungs = ct_crop.lungs_mask(prepared.astype(np.uint8), prepared > 0)
+  inner = ndimage.binary_erosion(lungs, iterations=4)
+  return float((prepared - ndimage.uniform_filter(prepared, 5))[inner].std())
+
+
+def test_clahe_raises_the_local_contrast_of_lung_texture_and_keeps_the_background_black():
+  image, _ = _faint_texture_slice(texture_sd=2.0)
+  plain = ct_crop.crop_to_lungs(image, equalize=True)
+  adaptive = ct_crop.crop_to_lungs(image, equalize=True, clahe=0.01)
+  assert adaptive.shape == plain.shape
+  assert _lung_texture(adaptive) > 1.3 * _lung_texture(plain)  # 1.44 when written.
+  assert _lung_texture(ct_crop.crop_to_lungs(image, True, clahe=0.03)) > _lung_texture(adaptive)
+  figure = paper_figure()  # Outside the body stays black, the body is never black.
+  np.testing.assert_array_equal(
+    ct_crop.crop_to_lungs(figure, True, clahe=0.01) == 0, ct_crop.crop_to_lungs(figure, True) == 0
+  )
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_clahe_is_part_of_the_prepared_image(crop):
+  config = default.get_config()
+  config.image_size, config.equalize, config.ct_crop, config.clahe = 48, True, crop, 0.01
+  image = paper_figure()
+  if crop:
+    expected = ct_crop.crop_to_lungs(image, equalize=True, clahe=0.01)
+  else:
+    expected = ct_crop.adaptive_equalize(
+      np.asarray(ImageOps.equalize(Image.fromarray(image))), 0.01
+    )
+  expected = Image.fromarray(expected).resize((48, 48), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  prepared = image_prep.prepare_image(image, config)[..., 0]
+  np.testing.assert_array_equal(prepared, expected)
+  config.clahe = 0.0
+  assert np.abs(prepared.astype(int) - image_prep.prepare_image(image, config)[..., 0]).mean() > 2
 
 
 def _config(**fields):

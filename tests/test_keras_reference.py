@@ -31,3 +31,31 @@ def test_the_keras_twin_has_our_parameters(model):
   trainable = sum(int(w.shape.num_elements()) for w in keras.trainable_weights)
   assert trainable == sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
   assert keras.output_shape == (None, 2)
+
+
+def test_without_tensorflow_the_reference_says_what_to_install(monkeypatch):
+  monkeypatch.setattr(keras_reference.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(RuntimeError, match=r"needs TensorFlow in .*pip install -e '.\[bench\]'"):
+    keras_reference.Worker(cxr.get_config())
+
+
+def test_the_keras_worker_times_windows_in_its_own_process():
+  pytest.importorskip("tensorflow", reason="the bench extra (tensorflow-cpu) is not installed")
+  config = cxr.get_config()
+  config.model, config.image_size, config.batch_size = "seed_cnn", 32, 4
+  worker = keras_reference.Worker(config)
+  try:
+    rates = [worker.window(2) for _ in range(2)]
+  finally:
+    worker.close()
+  assert all(rate > 0 for rate in rates)
+  assert worker._proc.returncode == 0  # Closing stdin ended the worker's loop cleanly.
+
+
+def test_a_dead_worker_is_reported_with_its_log(monkeypatch, tmp_path):
+  script = tmp_path / "dies.py"
+  script.write_text("import sys\nsys.stdin.readline()\nsys.exit('the twin could not be built')\n")
+  monkeypatch.setattr(keras_reference, "__file__", str(script))
+  monkeypatch.setattr(keras_reference.importlib.util, "find_spec", lambda name: object())
+  with pytest.raises(RuntimeError, match="(?s)reference process .* died.*could not be built"):
+    keras_reference.Worker(cxr.get_config())
