@@ -154,7 +154,10 @@ def adaptive_equalize(
   image: np.ndarray, clip_limit: float, keep: np.ndarray | None = None
 ) -> np.ndarray:
   """(H, W) uint8 -> CLAHE (scikit-image's, tiles of 1/8 of each side, `clip_limit` in (0, 1]:
-  higher is stronger), uint8. Pixels outside `keep` stay black and those inside at least 1."""
+  higher is stronger), uint8. Pixels outside `keep` stay black and those inside at least 1. A flat
+  image is returned as it is (scikit-image would stretch it to near white)."""
+  if image.min() == image.max():
+    return image
   out = np.round(255 * exposure.equalize_adapthist(image, clip_limit=clip_limit)).astype(np.uint8)
   if keep is None:
     return out

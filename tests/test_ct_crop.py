@@ -206,6 +206,8 @@ def test_clahe_raises_the_local_contrast_of_lung_texture_and_keeps_the_backgroun
   assert adaptive.shape == plain.shape
   assert _lung_texture(adaptive) > 1.3 * _lung_texture(plain)  # 1.44 when written.
   assert _lung_texture(ct_crop.crop_to_lungs(image, True, clahe=0.03)) > _lung_texture(adaptive)
+  flat = np.full((20, 30), 7, np.uint8)
+  np.testing.assert_array_equal(ct_crop.adaptive_equalize(flat, 0.01), flat)
   figure = paper_figure()  # Outside the body stays black, the body is never black.
   np.testing.assert_array_equal(
     ct_crop.crop_to_lungs(figure, True, clahe=0.01) == 0, ct_crop.crop_to_lungs(figure, True) == 0
