@@ -169,7 +169,8 @@ def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
 def test_kept_ct_results_exist():
   assert [p.name for p in _KEPT_CT] == ["bf16_onednn_seed0_probe", "bf16_onednn_seed0_test",
                                         "bf16_onednn_seed1_probe", "black_fill_f32_seed0_probe",
-                                        "clahe_f32_seed0_probe", "clahe_f32_seed1_probe",
+                                        "clahe_f32_seed0_probe", "clahe_f32_seed0_test",
+                                        "clahe_f32_seed1_probe",
                                         "crop_app_seed0_probe",
                                         "crop_app_seed0_test", "crops_seed0_probe",
                                         "crops_seed0_test", "crops_seed1_probe",
