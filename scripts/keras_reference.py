@@ -27,8 +27,7 @@ class Worker:
   `steps` train steps there (after one warm-up step at start) and returns its img/s."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    if config.model not in _BUILDERS:
-      keras_model(config)  # Names the model without starting TensorFlow.
+    _require_twin(config.model)
     if importlib.util.find_spec("tensorflow") is None:
       raise RuntimeError(f"--reference=keras needs TensorFlow in {sys.executable}: "
                          "pip install -e '.[bench]'")  # fmt: skip
@@ -86,9 +85,7 @@ def train_step(config: ml_collections.ConfigDict) -> Callable[[], object]:
 
 def keras_model(config: ml_collections.ConfigDict):
   """The compiled Keras twin of `config.model`."""
-  if config.model not in _BUILDERS:
-    raise ValueError(f"--reference=keras has no Keras twin of model {config.model!r}; it has "
-                     f"{sorted(_BUILDERS)}")  # fmt: skip
+  _require_twin(config.model)
   import tensorflow as tf  # Optional: pip install -e ".[bench]"
 
   # Keras at our precision: bfloat16 compute, float32 variables, like config.half_precision.
@@ -102,6 +99,12 @@ def keras_model(config: ml_collections.ConfigDict):
     loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
   )
   return model
+
+
+def _require_twin(model: str) -> None:
+  if model not in _BUILDERS:
+    raise ValueError(f"--reference=keras has no Keras twin of model {model!r}; it has "
+                     f"{sorted(_BUILDERS)}")  # fmt: skip
 
 
 def _seed_cnn(layers, x, config):

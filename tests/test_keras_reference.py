@@ -19,6 +19,8 @@ def test_a_model_without_a_keras_twin_is_named():
   config.model = "densenet121"
   with pytest.raises(ValueError, match="no Keras twin of model 'densenet121'.*resnet18"):
     keras_reference.keras_model(config)
+  with pytest.raises(ValueError, match="no Keras twin of model 'densenet121'"):
+    keras_reference.Worker(config)
 
 
 @pytest.mark.parametrize("model", ["seed_cnn", "resnet18"])
