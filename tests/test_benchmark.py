@@ -1,9 +1,12 @@
 """The benchmark runs and prints its fields (speed is never asserted in tests)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from helpers import REPO_ROOT
 
@@ -37,6 +40,8 @@ def test_benchmark_prints_every_measure(synthetic_data_dir):
     assert {"model", "image_size", "batch_size", "devices"} <= set(r)
   train = next(r for r in records if r["measure"] == "train")
   assert train["img_per_s"] > 0 and train["model"] == "tiny_cnn" and train["devices"] == 8
+  # oneDNN time of our windows only (the XLA reference's windows between them have none).
+  assert (train["conv_ms"] > 0) == (train["cpu_conv"] == "onednn")
   assert {r["stage"] for r in records if r["measure"] == "input"} == {
     "decode_resize",
     "batches_from_cache",
@@ -83,3 +88,35 @@ def test_roofline_prints_matmul_peaks_and_every_convolution():
   assert [(r["layer"], r["cpu_conv"]) for r in convs] == [(a, p) for a in layers for p in paths]
   for r in convs:
     assert all(r[f"{p}_gflop_s"] > 0 for p in ("forward", "input_grad", "weight_grad"))
+
+
+def test_roofline_tf_path_times_tensorflows_ops_or_names_the_extra():
+  proc = subprocess.run(
+    [sys.executable, "scripts/roofline.py", "--image_size=20", "--batch_size=2", "--repeats=1",
+     "--cpu_conv=tf"],
+    cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  if importlib.util.find_spec("tensorflow") is None:
+    assert proc.returncode != 0
+    assert "--cpu_conv=tf needs TensorFlow" in proc.stderr and "[bench]" in proc.stderr
+    return
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  convs = [json.loads(line) for line in proc.stdout.splitlines() if '"conv"' in line]
+  assert [r["cpu_conv"] for r in convs] == ["tf"] * 4 and all(r["forward_ms"] > 0 for r in convs)
+
+
+def test_roofline_tf_passes_equal_lax_gradients():
+  pytest.importorskip("tensorflow", reason="the bench extra (tensorflow-cpu) is not installed")
+  sys.path.insert(0, str(REPO_ROOT / "scripts"))
+  import roofline
+
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  conv = roofline._conv_on("xla")
+  y, vjp = jax.vjp(conv, x, w)
+  g = jax.random.normal(jax.random.key(2), y.shape)
+  dx, dw = vjp(g)
+  passes = roofline._tf_passes(x, w, g)
+  for name, expected in (("forward", y), ("input_grad", dx), ("weight_grad", dw)):
+    fn, args = passes[name]
+    np.testing.assert_allclose(np.asarray(fn(*args)), expected, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,10 @@
 """oneDNN convolutions (covid_flax/cpu_conv) equal lax's, forward and both gradients, for every
 convolution of every registry model, and the models really run on them where the kernel loads."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +197,30 @@ def test_supports_answers_for_both_types():
   assert cpu_conv.supports(jnp.float32)
   assert isinstance(cpu_conv.supports(jnp.bfloat16), bool)  # True with AVX-512, False on AVX2.
   assert not cpu_conv.supports(jnp.int8)
+
+
+def _has_avx512() -> bool:
+  """What oneDNN calls avx512_core (unless ONEDNN_MAX_CPU_ISA holds it below that)."""
+  if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith(("SSE", "AVX2", "AVX_")):
+    return False
+  with open("/proc/cpuinfo") as cpuinfo:
+    flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+  return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+
+
+@needs_onednn
+def test_weight_gradients_take_blocked_layouts_exactly_without_avx512():
+  assert cpu_conv.blocked_weight_gradients() == (not _has_avx512())
+
+
+@needs_onednn
+def test_without_avx512_the_blocked_weight_gradients_equal_lax():
+  """The blocked weight-gradient path on any CPU: oneDNN told to use at most AVX2, then the float32
+  cases of test_forward_and_gradients_equal_lax (on an AVX2-only CPU they already ran it)."""
+  proc = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+     "-k", "test_forward_and_gradients_equal_lax and not bf16 or exactly_without_avx512"],
+    env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert f"{len(_CASES) + 1} passed" in proc.stdout

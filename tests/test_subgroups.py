@@ -145,7 +145,9 @@ def test_kept_test_and_probe_results_match_their_predictions(folder):
     assert results["threshold_val"]["confusion_matrix"]["fp"] == round(called * 19)
 
 
-_KEPT_CT = sorted((_KEPT / "ct_probe").glob("*_seed[0-9]_*"))
+_KEPT_CT = sorted(
+  [*(_KEPT / "ct_probe").glob("*_seed[0-9]_*"), *(_KEPT / "ct_probe").glob("*_fold[0-9]_*")]
+)
 
 
 @pytest.mark.parametrize("folder", _KEPT_CT, ids=lambda p: p.name)
@@ -169,13 +171,21 @@ def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
 def test_kept_ct_results_exist():
   assert [p.name for p in _KEPT_CT] == ["bf16_onednn_seed0_probe", "bf16_onednn_seed0_test",
                                         "bf16_onednn_seed1_probe", "black_fill_f32_seed0_probe",
+                                        "clahe_cv3_w32_fold0_probe",
+                                        "clahe_cv3_w32_fold1_probe",
+                                        "clahe_cv3_w32_fold2_probe",
                                         "clahe_f32_seed0_probe", "clahe_f32_seed0_test",
                                         "clahe_f32_seed1_probe",
+                                        "clahe_strongest_f32_seed0_probe",
+                                        "clahe_strongest_f32_seed1_probe",
                                         "crop_app_seed0_probe",
                                         "crop_app_seed0_test", "crops_seed0_probe",
                                         "crops_seed0_test", "crops_seed1_probe",
-                                        "cutmix_f32_seed0_probe", "hull_f32_seed0_probe",
-                                        "hull_f32_seed0_test", "hull_f32_seed1_probe",
+                                        "cutmix_f32_seed0_probe",
+                                        "hull_cv3_w32_fold0_probe",
+                                        "hull_cv3_w32_fold1_probe",
+                                        "hull_cv3_w32_fold2_probe",
+                                        "hull_f32_seed0_probe", "hull_f32_seed0_test", "hull_f32_seed1_probe",
                                         "jpeg_seed0_probe", "jpeg_seed1_probe",
                                         "old_seed0_probe", "old_seed0_test",
                                         "papers_only_f32_seed0_probe",

@@ -6,7 +6,9 @@
 // outputs, float32 accumulation inside oneDNN). Activations stay NHWC, which oneDNN's AVX-512 and
 // AMX kernels take directly; weights go to the layout the primitive prefers (a small reorder per
 // call). Measured per layer, NHWC beat oneDNN's blocked layouts plus the reorders of activations
-// in and out (docs/performance.md). Primitives are cached by shape; every call brings its own
+// in and out (docs/performance.md), except for weight gradients on a CPU without AVX-512: there
+// oneDNN's AVX2 kernel on NHWC runs at a third to two thirds of the blocked one's speed, so those
+// reorder both activations into the primitive's layout (`BlockedWeightGradient`). Primitives are cached by shape; every call brings its own
 // scratchpad, so the same primitive can run on several XLA threads at once (fake devices). The oneDNN C API is declared below (the
 // subset used, ABI of oneDNN 3.x), so no oneDNN headers are needed: the library is
 // `onednn-cpu-gomp` from PyPI, linked by path.
@@ -84,6 +86,7 @@ dnnl_status_t dnnl_primitive_destroy(dnnl_primitive_t);
 dnnl_status_t dnnl_primitive_create(dnnl_primitive_t*, dnnl_primitive_desc_t);
 dnnl_status_t dnnl_primitive_execute(dnnl_primitive_t, dnnl_stream_t, int nargs,
                                      const dnnl_exec_arg_t* args);
+int dnnl_get_effective_cpu_isa(void);  // dnnl_cpu_isa_t (limited by ONEDNN_MAX_CPU_ISA).
 }
 
 namespace {
@@ -123,6 +126,15 @@ dnnl_engine_t Engine() {
   return engine;
 }
 
+// Weight gradients in oneDNN's blocked activation layouts (reordered from NHWC each call) where the
+// CPU has no AVX-512: the seed CNN's 32->64 layer at 222², batch 32, on an AMD EPYC Zen 3 took
+// 1,790 ms on NHWC and 477 blocked (TensorFlow's blocked kernel: 723). With AVX-512, NHWC is
+// faster (Zen 4: 88 against 118 ms at 126²). 0x20 is dnnl_cpu_isa_t's avx512_core bit.
+bool BlockedWeightGradients() {
+  static const bool blocked = (dnnl_get_effective_cpu_isa() & 0x20) == 0;
+  return blocked;
+}
+
 // oneDNN's threads are GNU OpenMP's; the caller says how many this call may use.
 void SetThreads(int threads) {
   using Fn = void (*)(int);
@@ -136,6 +148,12 @@ struct Geometry {
   int out_type;  // The forward output's: data_type, or float32 for bfloat16 inputs.
   dnnl_dims_t strides{}, dilates{}, pad_l{}, pad_r{};
 };
+
+// Blocks of 8 channels pad a layer with fewer (a 1-channel input: 8x the work; 32 against 117 ms
+// for the seed CNN's first layer), so only layers whose channels fill them go blocked.
+bool BlockedWeightGradient(const Geometry& g) {
+  return BlockedWeightGradients() && g.c % 8 == 0 && g.o % 8 == 0;
+}
 
 // User (JAX) memory descriptors: NHWC activations, HWIO weights, over oneDNN's NCHW/OIHW dims.
 dnnl_memory_desc_t Nhwc(int64_t n, int64_t c, int64_t h, int64_t w, int data_type) {
@@ -218,6 +236,12 @@ ffi::Error Make(Kind kind, const Geometry& g, Primitive& p) {
     p.operands[1] = {kArgWeights, false, w, dnnl_primitive_desc_query_md(p.pd, kQueryWeights, 0)};
     p.operands[2] = {kArgDiffSrc, true, x, dnnl_primitive_desc_query_md(p.pd, kQueryDiffSrc, 0)};
   } else {
+    if (BlockedWeightGradient(g)) {  // The primitive picks the activations' layout.
+      dnnl_memory_desc_destroy(src);
+      dnnl_memory_desc_destroy(dst);
+      src = Any(g.n, g.c, g.h, g.w, g.data_type);
+      dst = Any(g.n, g.o, g.oh, g.ow, g.out_type);
+    }
     RETURN_IF_ERROR(dnnl_convolution_backward_weights_primitive_desc_create(
                         &p.pd, Engine(), kConvolutionDirect, src, wei, nullptr, dst, g.strides,
                         g.dilates, g.pad_l, g.pad_r, p.fwd_pd, attr),
@@ -262,8 +286,9 @@ ffi::Error Lookup(Kind kind, const Geometry& g, const Primitive** out) {
   return ffi::Error::Success();
 }
 
-// Per-thread buffers for reordered operands (the weights, in oneDNN's layout) and the scratchpad,
-// kept between calls instead of allocated and page-faulted in every call.
+// Per-thread buffers for reordered operands (the weights in oneDNN's layout; without AVX-512 also
+// a weight gradient's two activations) and the scratchpad, kept between calls instead of allocated
+// and page-faulted in every call.
 class Arena {
  public:
   void* Get(int slot, size_t bytes) {
@@ -466,3 +491,4 @@ extern "C" int CovidFlaxOnednnConvSupports(int data_type) {
 // spent in them (benchmarks: the convolutions' share of a step).
 extern "C" int64_t CovidFlaxOnednnConvCalls() { return calls.load(); }
 extern "C" int64_t CovidFlaxOnednnConvNanoseconds() { return nanoseconds.load(); }
+extern "C" int CovidFlaxOnednnConvBlockedWeightGradients() { return BlockedWeightGradients(); }
