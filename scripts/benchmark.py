@@ -9,7 +9,8 @@
 Prints one JSON object per line. Train and eval steps run on in-memory random uint8 images (the
 same bytes the input pipeline hands the step), through the real jitted, data-parallel step with
 on-device augmentation; img/s is the median over `--windows` windows of `--steps` steps, after a
-warm-up window, each closed by `block_until_ready`. `--reference=keras` (needs the `bench` extra,
+warm-up window, each closed by `block_until_ready`; `conv_ms` is the oneDNN convolutions' share
+of our step (0 on XLA's). `--reference=keras` (needs the `bench` extra,
 tensorflow-cpu) times the same model (seed_cnn or resnet18, `scripts/keras_reference.py`), image
 size, batch and optimizer in Keras, in a process of its own (not sharing our malloc heap),
 alternating windows with ours, each process idle while the other runs, and prints the ratio.

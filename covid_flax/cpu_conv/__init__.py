@@ -308,10 +308,7 @@ def use_onednn(model: nnx.Module, cpu_conv: str) -> str:
       module.conv_general_dilated = conv_general_dilated
       if module.dtype == jnp.bfloat16:  # See the docstring.
         module.preferred_element_type = jnp.float32
-  layouts = (
-    " (weight gradients in blocked layouts: no AVX-512)"
-    if path == "oneDNN" and (blocked_weight_gradients())
-    else ""
-  )
+  blocked = path == "oneDNN" and blocked_weight_gradients()
+  layouts = " (weight gradients in blocked layouts: no AVX-512)" if blocked else ""
   logging.log_first_n(logging.INFO, "Convolutions run on %s%s.", 1, path, layouts)
   return path

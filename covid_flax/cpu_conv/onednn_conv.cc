@@ -7,11 +7,12 @@
 // AMX kernels take directly; weights go to the layout the primitive prefers (a small reorder per
 // call). Measured per layer, NHWC beat oneDNN's blocked layouts plus the reorders of activations
 // in and out (docs/performance.md), except for weight gradients on a CPU without AVX-512: there
-// oneDNN's AVX2 kernel on NHWC runs at a third to two thirds of the blocked one's speed, so those
-// reorder both activations into the primitive's layout (`BlockedWeightGradient`). Primitives are cached by shape; every call brings its own
-// scratchpad, so the same primitive can run on several XLA threads at once (fake devices). The oneDNN C API is declared below (the
-// subset used, ABI of oneDNN 3.x), so no oneDNN headers are needed: the library is
-// `onednn-cpu-gomp` from PyPI, linked by path.
+// oneDNN's AVX2 kernel on NHWC runs up to 3.7x slower than the blocked one, so those reorder both
+// activations into the primitive's layout (`BlockedWeightGradient`). Primitives are cached by
+// shape; every call brings its own scratchpad, so the same primitive can run on several XLA
+// threads at once (fake devices). The oneDNN C API is declared below (the subset used, ABI of
+// oneDNN 3.x), so no oneDNN headers are needed: the library is `onednn-cpu-gomp` from PyPI, linked
+// by path.
 #include <dlfcn.h>
 
 #include <atomic>
