@@ -15,6 +15,12 @@ paired bootstrap:
 
   python -m covid_flax.compare runs/a/eval/cv-latest runs/b/eval/cv-latest --threshold=threshold_0.5
 
+`--images_dir=DIR [--labels=CSV]` also scores every fold's model on a folder of external images
+(e.g. a probe from another hospital; `covid_flax.evaluate --images_dir` into workdir/fold_k/eval/,
+the threshold chosen on the fold's held-out part) and writes the folds' mean probability to
+workdir/eval/cv-images-<dir>[-<labels>]-<checkpoint>/, which `compare` pairs between two recipes:
+model selection on cross-validation and on the external images, both reported.
+
 `--checkpoint=latest` (default) scores each fold's last checkpoint, which is what a final fit keeps
 (it has no held-out data to choose by); `best` takes the checkpoint each fold's own AUC picked, an
 optimistic estimate.
@@ -34,13 +40,21 @@ flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint 
 flags.DEFINE_integer("n_resamples", 1000, "Patient-bootstrap resamples for the intervals.")
 flags.DEFINE_list("matched_sources", [], "The sources of the source-matched subset in the "
                   "results by group (default: every source with images of both classes).")  # fmt: skip
+flags.DEFINE_string("images_dir", None, "Also score each fold's model on this folder of external "
+                    "images (labels as in covid_flax.evaluate), and the folds' mean.")  # fmt: skip
+flags.DEFINE_string("labels", None, "With --images_dir: its labels csv (default "
+                    "--images_dir/labels.csv).")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
+  if FLAGS.labels and not FLAGS.images_dir:
+    raise app.UsageError(f"--labels={FLAGS.labels} needs --images_dir (the folder of its relpaths)")
+
   def entry(config: ml_collections.ConfigDict, workdir: str) -> None:
     out_dir = cross_validation.cross_validate(
-      config, workdir, FLAGS.checkpoint, FLAGS.n_resamples, FLAGS.matched_sources
-    )
+      config, workdir, FLAGS.checkpoint, FLAGS.n_resamples, FLAGS.matched_sources,
+      FLAGS.images_dir, FLAGS.labels,
+    )  # fmt: skip
     if jax.process_index() == 0:
       print(open(os.path.join(out_dir, "report.md")).read())
       print(f"Cross-validation written to {out_dir}")

@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 
 from covid_flax import (
   config_lib,
+  evaluation,
   inference,
   input_pipeline,
   metrics,
@@ -49,9 +50,13 @@ def cross_validate(
   checkpoint: str = "latest",
   n_resamples: int = 1000,
   matched_sources: Sequence[str] = (),
+  images_dir: str | None = None,
+  labels_csv: str | None = None,
 ) -> str:
   """Trains and scores every fold of config.cv_folds; returns the output folder.
-  `matched_sources`: the source-matched subset of the results by group (`subgroups`)."""
+  `matched_sources`: the source-matched subset of the results by group (`subgroups`);
+  `images_dir` (with `labels_csv`, default images_dir/labels.csv): an external folder that each
+  fold's model is also scored on (`score_external`)."""
   if config.cv_folds < 2:
     raise config_lib.ConfigError(
       f"config.cv_folds={config.cv_folds}: cross-validation needs 2 or more folds, e.g. "
@@ -65,7 +70,10 @@ def cross_validate(
   streamed = input_pipeline.resolve_input_mode(config) == "stream"
   pool = input_pipeline.load_split(config, config.train_split, stream=streamed)
   subgroups.check_matched_sources(matched_sources, pool.attributes)  # Before hours of training.
-  parts, folds = [], []
+  external = None
+  if images_dir:  # Its labels csv and images checked before hours of training too.
+    external = inference.load_images_dir(images_dir, config, labels_csv)
+  parts, folds, runs = [], [], []
   for k in range(config.cv_folds):
     fold_config = config.copy_and_resolve_references()
     fold_config.cv_fold = k
@@ -74,6 +82,7 @@ def cross_validate(
     run = inference.load_run(fold_dir, checkpoint, fold_config, strict=False)  # Its tta_hflip.
     data = pool.subset(input_pipeline.cv_fold_indices(pool, config.cv_folds, k)[1])
     probs = run.predict(data)
+    runs.append(run)
     parts.append((data, probs))
     folds.append(_fold_entry(k, run, data, probs))
     logging.info("Fold %d of %d: %s", k, config.cv_folds, folds[-1])
@@ -106,7 +115,78 @@ def cross_validate(
   out_dir = report.eval_dir(workdir, "cv", tag)
   if jax.process_index() == 0:
     _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, config)
+  if external is not None:
+    name = evaluation.images_dir_name(images_dir, labels_csv)
+    external_dir = report.eval_dir(workdir, f"cv-{name}", tag)
+    score_external(runs, external, name, external_dir, n_resamples)
+    logging.info("The fold models on %s: %s", images_dir, external_dir)
   return out_dir
+
+
+def score_external(
+  runs: Sequence[inference.Run],
+  data: input_pipeline.SplitData,
+  name: str,
+  out_dir: str,
+  n_resamples: int = 1000,
+) -> dict:
+  """Each fold's model on external images (`evaluation.evaluate` into its own workdir: the
+  operating point chosen on the fold's held-out part, the results by group, Grad-CAM), and the
+  folds' mean probability at 0.5 in `out_dir`, which `covid_flax.compare` pairs between two
+  cross-validated recipes. Returns out_dir's metrics.json dict."""
+  folds, fold_probs = [], []
+  for k, run in enumerate(runs):
+    fold_dir = evaluation.evaluate(run, data, name, n_resamples)
+    with open(os.path.join(fold_dir, "metrics.json")) as f:
+      scored = json.load(f)
+    _, probs, _ = report.read_predictions(os.path.join(fold_dir, "predictions.csv"))
+    fold_probs.append(probs)
+    at_val = scored["threshold_val"]
+    folds.append({
+      "fold": k,
+      "eval_dir": fold_dir,
+      "roc_auc": scored["threshold_0.5"]["metrics"]["roc_auc"],
+      "threshold": at_val["threshold"],
+      "sensitivity": at_val["metrics"]["sensitivity"],
+      "specificity": at_val["metrics"]["specificity"],
+    })  # fmt: skip
+    logging.info("Fold %d on %s: ROC-AUC %.3f", k, name, folds[-1]["roc_auc"]["value"])
+  mean = np.mean(fold_probs, axis=0)
+  results = {
+    "target_sensitivity": None,
+    "threshold_0.5": metrics.evaluate_predictions(
+      data.labels, mean, data.patient_ids, 0.5, n_resamples=n_resamples
+    ),
+    "subgroups": subgroups.subgroup_results(
+      data.labels, mean, data.patient_ids, data.attributes, 0.5, n_resamples
+    ),
+    "split": os.path.basename(out_dir),
+    "cv_folds": folds,
+  }
+  title = f"{name}: the mean probability of the {len(runs)} cross-validation folds' models"
+  if jax.process_index() == 0:
+    with report.atomic_dir(out_dir) as tmp:
+      report.write_results(
+        tmp, results, data.filenames, data.patient_ids, data.labels, mean, data.attributes
+      )
+      lines = [
+        report.markdown_report(results, title=title),
+        "Each fold's model alone (threshold chosen on the fold's held-out part):",
+        "",
+        "| fold | ROC-AUC [95 % CI] | threshold | sensitivity | specificity | evaluation |",
+        "|---|---|---|---|---|---|",
+      ]
+      for f in folds:
+        lines.append(
+          f"| {f['fold']} | {report.format_value(f['roc_auc'])} | {f['threshold']:.3f} | "
+          f"{report.format_value(f['sensitivity'])} | {report.format_value(f['specificity'])} | "
+          f"`{f['eval_dir']}` |"
+        )
+      if results["subgroups"]:
+        lines += ["", subgroups.markdown(results["subgroups"])]
+      with open(os.path.join(tmp, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+  return results
 
 
 def _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, config) -> None:

@@ -346,7 +346,7 @@ def test_train_and_evaluate_on_covidx_cxr_reports_specificity_per_finding(tmp_pa
 
   from helpers import tiny_config
 
-  from covid_flax import evaluate, inference, input_pipeline, train
+  from covid_flax import evaluation, inference, input_pipeline, train
 
   root = tmp_path / "covidx"
   findings = ("COVID-19", "normal", "pneumonia")
@@ -365,7 +365,7 @@ def test_train_and_evaluate_on_covidx_cxr_reports_specificity_per_finding(tmp_pa
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   run = inference.load_run(workdir, "best")
-  out = evaluate.evaluate(run, input_pipeline.load_split(run.config, "test"), "test", 100)
+  out = evaluation.evaluate(run, input_pipeline.load_split(run.config, "test"), "test", 100)
   results = json.load(open(Path(out) / "metrics.json"))
   by_finding = results["subgroups"]["finding"]
   assert set(by_finding) == {"covid-19", "normal", "pneumonia"}

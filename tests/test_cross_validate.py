@@ -9,9 +9,18 @@ import sys
 import numpy as np
 import pytest
 from helpers import REPO_ROOT, tiny_config
+from PIL import Image
 from sklearn import metrics as skm
 
-from covid_flax import checkpointing, config_lib, cross_validation, inference, input_pipeline
+from covid_flax import (
+  checkpointing,
+  config_lib,
+  cross_validation,
+  errors,
+  inference,
+  input_pipeline,
+)
+from covid_flax.datasets import common
 
 pytestmark = pytest.mark.slow  # Trains or starts processes (README: the unit-only run skips it).
 
@@ -26,6 +35,21 @@ def _split_data(n_patients: int, seed: int = 0) -> input_pipeline.SplitData:
   filenames = np.array([f"img{i}.png" for i in range(len(labels))])
   images = np.zeros((len(labels), 4, 4, 1), np.uint8)
   return input_pipeline.SplitData(images, labels, patients, filenames)
+
+
+def _external_folder(config, folder):
+  """The synthetic test split's first 24 images as files, with probe.csv (relpath, label and a
+  `finding` of each image: bright or dark by its mean)."""
+  test = input_pipeline.load_split(config, "test")
+  folder.mkdir()
+  rows = [("relpath", "label", "finding")]
+  for i in range(24):
+    Image.fromarray(test.images[i, ..., 0]).save(folder / f"img{i:02d}.png")
+    finding = "bright" if test.images[i].mean() > test.images[:24].mean() else "dark"
+    rows.append((f"img{i:02d}.png", common.LABEL_NAMES[test.labels[i]], finding))
+  with open(folder / "probe.csv", "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+  return folder
 
 
 def test_folds_are_patient_wise_stratified_disjoint_and_fixed():
@@ -140,6 +164,46 @@ def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
   assert checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps() == steps
   assert json.load(open(f"{out}/metrics.json")) == results
 
+  # An external folder: each fold's model scored on it (its threshold from its own held-out fold)
+  # and the folds' mean probability, still training nothing.
+  probe = _external_folder(config, tmp_path / "probe")
+  cross_validation.cross_validate(config, workdir, n_resamples=50, images_dir=str(probe),
+                                  labels_csv=str(probe / "probe.csv"))  # fmt: skip
+  assert checkpointing.create_manager(f"{workdir}/fold_0", read_only=True).all_steps() == steps
+  external = inference.load_images_dir(str(probe), config, str(probe / "probe.csv"))
+  fold_probs = []
+  for k in range(2):
+    fold_run = inference.load_run(f"{workdir}/fold_{k}", "latest")
+    scored = json.load(
+      open(f"{workdir}/fold_{k}/eval/images-probe-probe-{fold_run.step}/metrics.json")
+    )
+    assert scored["threshold_chosen_on"] == f"covid_synthetic/cxr:train fold {k} of 2"
+    fold_probs.append(fold_run.predict(external))
+  ext_dir = f"{workdir}/eval/cv-images-probe-probe-latest"
+  ext = json.load(open(f"{ext_dir}/metrics.json"))
+  with open(f"{ext_dir}/predictions.csv") as f:
+    ext_rows = {r["filename"]: float(r["probability"]) for r in csv.DictReader(f)}
+  mean = np.mean(fold_probs, axis=0)
+  np.testing.assert_allclose([ext_rows[n] for n in external.filenames], mean, atol=1e-6)
+  assert ext["threshold_0.5"]["metrics"]["roc_auc"]["value"] == pytest.approx(
+    skm.roc_auc_score(external.labels, mean)
+  )
+  for k, fold in enumerate(ext["cv_folds"]):
+    assert fold["roc_auc"]["value"] == pytest.approx(
+      skm.roc_auc_score(external.labels, fold_probs[k]), abs=1e-6
+    )
+  assert set(ext["subgroups"]["finding"]) == {"bright", "dark"}
+  report_md = open(f"{ext_dir}/report.md").read()
+  assert "mean probability of the 2 cross-validation folds' models" in report_md
+  assert "By finding:" in report_md
+  assert json.load(open(f"{out}/metrics.json")) == results  # The pooled CV folder is untouched.
+  # A bad labels csv is refused before any fold trains.
+  (probe / "bad.csv").write_text("relpath,label\nmissing.png,covid\n")
+  with pytest.raises(errors.UserError, match="missing.png"):
+    cross_validation.cross_validate(config, str(tmp_path / "cv2"), images_dir=str(probe),
+                                    labels_csv=str(probe / "bad.csv"))  # fmt: skip
+  assert not (tmp_path / "cv2").exists()
+
   # With test-time flips it still trains nothing and writes its own folder, from the flipped
   # predictions; the earlier folder stays as it was.
   flipped = tiny_config(synthetic_data_dir, cv_folds=2, num_epochs=1, tta_hflip=True)
@@ -156,12 +220,19 @@ def test_cross_validate_scores_every_image_once_with_the_model_that_held_it_out(
   assert json.load(open(f"{out_tta}/metrics.json"))["split"] == "cv-latest-tta"
 
 
-def test_cross_validate_cli_refuses_a_config_without_folds(tmp_path):
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    ([], "error: config.cv_folds=0: cross-validation needs 2 or more folds"),
+    (["--config.cv_folds=2", "--labels=probe.csv"], "--labels=probe.csv needs --images_dir"),
+  ],
+)
+def test_cross_validate_cli_refuses_bad_flags_before_training(tmp_path, args, message):
   result = subprocess.run(
     [sys.executable, "-m", "covid_flax.cross_validate", "--config=configs/synthetic.py",
-     f"--workdir={tmp_path / 'cv'}"],
+     f"--workdir={tmp_path / 'cv'}", *args],
     cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
   )  # fmt: skip
   assert result.returncode == 1
-  assert "error: config.cv_folds=0: cross-validation needs 2 or more folds" in result.stderr
+  assert message in result.stderr
   assert not (tmp_path / "cv").exists()

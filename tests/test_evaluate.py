@@ -17,7 +17,7 @@ from PIL import Image
 from covid_flax import (
   checkpointing,
   config_lib,
-  evaluate,
+  evaluation,
   image_prep,
   inference,
   input_pipeline,
@@ -64,7 +64,7 @@ def _eval_entries(workdir):
 
 def test_evaluate_writes_every_file(run):
   test = input_pipeline.load_split(run.config, "test")
-  out = evaluate.evaluate(run, test, "test", n_resamples=200)
+  out = evaluation.evaluate(run, test, "test", n_resamples=200)
   assert out.endswith(f"eval/test-{run.step}")
   for name in PLOTS:
     with Image.open(os.path.join(out, name)) as image:
@@ -92,14 +92,14 @@ def test_threshold_is_chosen_on_val_not_test(run):
   expected = metrics.choose_threshold(val.labels, run.predict(val), run.config.target_sensitivity)
   assert point["threshold"] == pytest.approx(expected)
   test = input_pipeline.load_split(run.config, "test")
-  out = evaluate.evaluate(run, test, "test", n_resamples=100)
+  out = evaluation.evaluate(run, test, "test", n_resamples=100)
   results = json.load(open(os.path.join(out, "metrics.json")))
   assert results["threshold_val"]["threshold"] == pytest.approx(expected)
 
 
 def test_predict_agrees_with_evaluate(run, images_dir, tmp_path):
   data = inference.load_images_dir(images_dir, run.config)
-  out = evaluate.evaluate(run, data, "images-ext", n_resamples=100)
+  out = evaluation.evaluate(run, data, "images-ext", n_resamples=100)
   with open(os.path.join(out, "predictions.csv")) as f:
     expected = {r["filename"]: float(r["probability"]) for r in csv.DictReader(f)}
   paths = sorted(os.path.join(images_dir, n) for n in expected)
@@ -233,7 +233,7 @@ def test_external_set_with_one_class(run, images_dir):
   with open(os.path.join(images_dir, "labels.csv"), "w") as f:
     f.write("relpath,label\n" + "".join(f"img{i:02d}.png,non_covid\n" for i in range(6)))
   data = inference.load_images_dir(images_dir, run.config)
-  out = evaluate.evaluate(run, data, "images-negatives", n_resamples=100)
+  out = evaluation.evaluate(run, data, "images-negatives", n_resamples=100)
   assert not os.path.exists(os.path.join(out, "roc.png"))
   assert "Only one class is present" in open(os.path.join(out, "report.md")).read()
   results = json.load(open(os.path.join(out, "metrics.json")))
@@ -246,7 +246,7 @@ def test_external_patient_ids_keep_a_patients_images_together(run, images_dir):
     f.write("relpath,label,patient_id\n" + rows)
   data = inference.load_images_dir(images_dir, run.config)
   assert list(data.patient_ids) == ["p1", "p1", "p1", "img03.png", "img04.png", "img05.png"]
-  out = evaluate.evaluate(run, data, "images-grouped", n_resamples=100)
+  out = evaluation.evaluate(run, data, "images-grouped", n_resamples=100)
   assert "6 images (0 COVID, 6 non-COVID) from 4 patients" in open(f"{out}/report.md").read()
 
 
@@ -385,7 +385,7 @@ def test_external_sources_from_another_labels_file_give_results_by_source(
   assert list(data.attributes) == ["source", "view"] and data.attributes["source"][1] == (
     "nih_pneumonia"
   )
-  out = evaluate.evaluate(run, data, "images-probe", n_resamples=100)
+  out = evaluation.evaluate(run, data, "images-probe", n_resamples=100)
   results = json.load(open(os.path.join(out, "metrics.json")))
   threshold = results["threshold_val"]["threshold"]
   probs = run.predict(data)

@@ -72,7 +72,7 @@ def test_two_epochs_learn_and_write_outputs(synthetic_data_dir, tmp_path):
 def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(
   synthetic_data_dir, tmp_path, caplog
 ):
-  from covid_flax import evaluate, inference, input_pipeline
+  from covid_flax import evaluation, inference, input_pipeline
 
   workdir = str(tmp_path / "run")
   config = tiny_config(synthetic_data_dir, train_split="train+val")
@@ -89,7 +89,7 @@ def test_final_fit_on_train_and_val_chooses_no_best_checkpoint(
   run = inference.load_run(workdir, "best")
   assert run.step == manager.latest_step()
   assert inference.operating_point(run)["chosen_on"].endswith("'train+val': not held out)")
-  out = evaluate.evaluate(run, input_pipeline.load_split(run.config, "test"), "test", 20)
+  out = evaluation.evaluate(run, input_pipeline.load_split(run.config, "test"), "test", 20)
   assert json.load(open(f"{out}/metrics.json"))["num_trained_on"] == 0
   assert "Not held out" not in open(f"{out}/report.md").read()
   cli = subprocess.run(
