@@ -182,10 +182,7 @@ def score_external(
           f"{report.format_value(f['sensitivity'])} | {report.format_value(f['specificity'])} | "
           f"`{f['eval_dir']}` |"
         )
-      if results["subgroups"]:
-        lines += ["", subgroups.markdown(results["subgroups"])]
-      with open(os.path.join(tmp, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+      _write_report(tmp, lines, results)
   return results
 
 
@@ -211,7 +208,12 @@ def _write(out_dir, results, filenames, patient_ids, labels, probs, attributes, 
         f"| {f['fold']} | {f['n_images']} | {f['n_patients']} | {f['roc_auc']:.3f} | "
         f"{f['accuracy']:.3f} | {f['step']} | {time_s} |"
       )
-    if results["subgroups"]:
-      lines += ["", subgroups.markdown(results["subgroups"])]
-    with open(os.path.join(tmp, "report.md"), "w") as f:
-      f.write("\n".join(lines) + "\n")
+    _write_report(tmp, lines, results)
+
+
+def _write_report(folder: str, lines: list[str], results: dict) -> None:
+  """folder/report.md: `lines`, then the results by group where there are any."""
+  if results["subgroups"]:
+    lines = [*lines, "", subgroups.markdown(results["subgroups"])]
+  with open(os.path.join(folder, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
