@@ -20,7 +20,7 @@ def get_config():
   config.ct_crop = True
   config.equalize = True
   # Then CLAHE (local equalisation): cross-validated ROC-AUC +0.043 [+0.013, +0.076], val +0.03 /
-  # +0.06; on the external probe no gain (7 pairs pooled: -0.024 [-0.081, +0.034]; docs/ct_probe.md).
+  # +0.06; on the external probe no gain (7 pairs pooled: -0.024 [-0.082, +0.034]; docs/ct_probe.md).
   config.clahe = 0.01
   config.num_epochs = 120
   config.warmup_epochs = 3.0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from covid_flax import compare, metrics
 
@@ -160,6 +161,44 @@ def test_two_recipes_on_the_same_patients_are_compared_paired(tmp_path):
     for seed, p in ((0, strong), (1, weak))
   ]
   assert metrics.percentile_interval(unpaired[0] - unpaired[1]).low < 0
+
+
+def test_pooled_difference_of_several_seed_pairs(tmp_path, capsys):
+  """Three seeds of two recipes on the same 120 patients: each pair's difference, their mean, and
+  one bootstrap shared by every run (the interval of a small consistent gain excludes 0)."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 120)
+  pids = np.array([f"p{i}" for i in range(120)])
+  a_dirs, b_dirs, expected = [], [], []
+  for seed in range(3):
+    base = np.clip(rng.normal(0.5 + 0.15 * (labels - 0.5), 0.2), 0, 1)  # Each seed's own noise.
+    better = np.clip(base + 0.03 * (2 * labels - 1), 0, 1)
+    for dirs, probs, tag in ((a_dirs, better, "a"), (b_dirs, base, "b")):
+      dirs.append(tmp_path / f"{tag}{seed}")
+      _write_eval_dir(dirs[-1], labels, probs, pids)
+    expected.append(roc_auc_score(labels, better) - roc_auc_score(labels, base))
+  pairs = list(zip(a_dirs, b_dirs, strict=True))
+  result = compare.pooled_difference(pairs, tmp_path / "o", threshold_key="threshold_0.5")
+  auc = result["metrics"]["roc_auc"]
+  np.testing.assert_allclose(auc["pair_differences"], expected, atol=1e-9)
+  assert auc["mean_difference"] == pytest.approx(np.mean(expected))
+  assert 0 < auc["mean_difference_ci"][0] < auc["mean_difference"] < auc["mean_difference_ci"][1]
+  assert json.loads((tmp_path / "o" / "pooled.json").read_text()) == json.loads(json.dumps(result))
+  table = (tmp_path / "o" / "pooled.md").read_text()
+  assert "| ROC-AUC |" in table and "3 pairs" in table and f"`{a_dirs[2]}` - `{b_dirs[2]}`" in table
+
+  # From the command line: two comma-separated lists, paired in order.
+  argv = [",".join(map(str, a_dirs)), ",".join(map(str, b_dirs)), f"--output={tmp_path / 'cli'}",
+          "--threshold=threshold_0.5"]  # fmt: skip
+  assert compare.main(argv) == 0
+  assert json.loads((tmp_path / "cli" / "pooled.json").read_text())["metrics"] == result["metrics"]
+  assert compare.main([argv[0], ",".join(map(str, b_dirs[:2])), argv[2]]) == 2
+  assert "pair the runs one to one: 3 vs 2 given" in capsys.readouterr().err
+
+  other = tmp_path / "other"  # Other patients: no paired difference.
+  _write_eval_dir(other, labels, labels * 0.5 + 0.25, np.array([f"q{i}" for i in range(120)]))
+  with pytest.raises(ValueError, match=f"{other} scored other images"):
+    compare.pooled_difference([*pairs[:2], (a_dirs[2], other)], tmp_path / "o3")
 
 
 _KEPT = Path(__file__).resolve().parents[1] / "results" / "ct_cv3_w32"
