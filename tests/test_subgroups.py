@@ -175,7 +175,7 @@ def test_kept_ct_results_exist():
                                         "clahe_cv3_w32_fold1_probe",
                                         "clahe_cv3_w32_fold2_probe",
                                         "clahe_f32_seed0_probe", "clahe_f32_seed0_test",
-                                        "clahe_f32_seed1_probe",
+                                        "clahe_f32_seed1_probe", "clahe_f32_seed2_probe",
                                         "clahe_strongest_cv3_w32_fold0_probe",
                                         "clahe_strongest_cv3_w32_fold1_probe",
                                         "clahe_strongest_cv3_w32_fold2_probe",
