@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   # off. With both on, each example picks one of the two.
   config.mixup_alpha = 0.0
   config.cutmix_alpha = 0.0
+  # MixStyle (ResNets, tiny_cnn): with this probability a step mixes each example's early feature
+  # statistics (per-channel mean and std, its "style") with a random partner's; 0 is off.
+  config.mixstyle_prob = 0.0
 
   # Model.
   config.model = "seed_cnn"  # One of covid_flax.models.MODELS.

@@ -64,6 +64,7 @@ ADDED_FIELDS = {
   "ct_window_width": 1500.0,
   "input_mode": "auto",
   "cpu_conv": "xla",
+  "mixstyle_prob": 0.0,
 }
 
 
@@ -145,6 +146,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "aug_jpeg": ((int, float), _range(0, 95)),
   "mixup_alpha": ((int, float), _range(0, 10)),
   "cutmix_alpha": ((int, float), _range(0, 10)),
+  "mixstyle_prob": ((int, float), _FRACTION),
   "model": (str, _ANY),
   "dropout_rate": ((int, float), _range(0, 1)),
   "half_precision": (bool, _ANY),
@@ -217,6 +219,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.input_norm={config.input_norm!r} and config.freeze_bn_stats="
       f"{config.freeze_bn_stats} are for {list(models.TRANSFER_MODELS)}, not "
+      f"config.model={config.model!r}"
+    )
+  if config.mixstyle_prob > 0 and config.model not in models.STYLE_MODELS:
+    raise ConfigError(
+      f"config.mixstyle_prob={config.mixstyle_prob} is for {list(models.STYLE_MODELS)}, not "
       f"config.model={config.model!r}"
     )
   if config.cv_folds and config.cv_fold >= config.cv_folds:

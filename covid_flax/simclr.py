@@ -220,11 +220,11 @@ def make_parallel_step(
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainState:
   """Pretrains in `workdir`, resuming from its latest usable checkpoint; returns the state."""
   config_lib.validate(config)
-  if config.sam_rho > 0:
-    raise config_lib.ConfigError(
-      f"config.sam_rho={config.sam_rho}: sharpness-aware minimisation is for `covid_flax.main` "
-      "only; pretrain with sam_rho=0"
-    )
+  for field in ("sam_rho", "mixstyle_prob"):  # Sharpness-aware minimisation, MixStyle.
+    if config[field] > 0:
+      raise config_lib.ConfigError(
+        f"config.{field}={config[field]} is for `covid_flax.main` only; pretrain with {field}=0"
+      )
   checkpointing.check_workdir_compatible(workdir, config)
   if input_pipeline.resolve_input_mode(config) == "stream":
     raise config_lib.ConfigError(

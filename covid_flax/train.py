@@ -81,14 +81,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
   return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
+_STYLE_TAG = 0x5717  # MixStyle's key: step_key folded with this, apart from its three split keys.
+
+
 def _step_inputs(
   state: TrainState,
   images: jax.Array,
   batch: dict[str, jax.Array],
   config: ml_collections.ConfigDict,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """This device's augmented (and, where configured, mixed) normalised images, their targets
-  (labels, or label distributions after mixing) and its dropout key, all from the step's key.
+  (labels, or label distributions after mixing) and the model's keys (`nnx.Rngs` streams), all
+  from the step's key.
   `images` is the device cache that batch["index"] points into, or None when the batch carries
   its own images (stream mode): they are then indexed the same way, so both modes compute the
   same thing."""
@@ -109,7 +113,11 @@ def _step_inputs(
     images = augmented_batch(images, batch["index"], example_ids, aug_key, config)
     targets = batch["label"]
   images = normalize(images).astype(models.compute_dtype(config))
-  return images, targets, jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+  # Dropout differs per device; MixStyle's key (its partners, over the global batch) may not.
+  rngs = dict(dropout=jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS)))
+  if config.mixstyle_prob > 0:
+    rngs["style"] = jax.random.fold_in(step_key, _STYLE_TAG)
+  return images, targets, rngs
 
 
 def _ema_update(ema_params: nnx.State, params: nnx.State, step: jax.Array, decay: float):
@@ -131,7 +139,7 @@ def train_step(
   """One optimisation step, written for one device's share of the global batch. `images` is the
   device-resident uint8 training set and `batch` holds indices into it and labels; or (stream
   mode) `images` is None and `batch` holds the uint8 images and labels."""
-  images, targets, dropout_key = _step_inputs(state, images, batch, config)
+  images, targets, model_keys = _step_inputs(state, images, batch, config)
 
   # NNX's own grad: with jax.grad inside shard_map, NNX refuses the BatchNorm statistics update.
   # Parameters enter as per-device (varying) values, so each device differentiates its own loss and
@@ -140,7 +148,7 @@ def train_step(
   model = nnx.merge(graphdef, params, state.model_state)
 
   def loss_fn(model):
-    logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+    logits = model(images, train=True, rngs=nnx.Rngs(**model_keys))
     return cross_entropy(logits, targets, config.label_smoothing).mean(), logits
 
   grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)

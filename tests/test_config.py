@@ -41,6 +41,7 @@ def test_shipped_configs_are_valid(name):
     ("center_crop", 0.1, "config.center_crop=0.1 is not allowed; it must be >= 0.2 and <= 1"),
     ("equalize", "yes", "config.equalize='yes' has type str"),
     ("sam_rho", -0.05, "config.sam_rho=-0.05 is not allowed; it must be >= 0"),
+    ("mixstyle_prob", 1.5, "config.mixstyle_prob=1.5 is not allowed; it must be >= 0 and <= 1"),
     ("aug_window", 0.5, "config.aug_window=0.5 is not allowed; it must be >= 0 and <= 0.45"),
     ("aug_downscale", 0.5, "config.aug_downscale=0.5 is not allowed; it must be >= 1 and <= 8"),
     ("aug_jpeg", 100.0, "config.aug_jpeg=100.0 is not allowed; it must be >= 0 and <= 95"),

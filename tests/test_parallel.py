@@ -35,6 +35,7 @@ def _run(config, mesh, data, batches, streamed=False):
     ("tiny_cnn", dict(cpu_conv="xla"), False),  # ... and on XLA.
     ("seed_cnn", {}, False),
     ("tiny_cnn", dict(mixup_alpha=0.4, cutmix_alpha=1.0), False),
+    ("tiny_cnn", dict(mixstyle_prob=1.0), False),  # Style partners from the global batch.
     # SAM's ascent uses the global gradient: a per-device one would make 8 devices differ.
     ("tiny_cnn", dict(sam_rho=0.5), False),
     ("tiny_cnn", {}, True),

@@ -368,11 +368,13 @@ def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir)
   assert any(not np.allclose(w, s) for w, s in zip(*map(jax.tree.leaves, (expected, plain))))
 
 
-def test_pretraining_refuses_sam(synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize("field", ["sam_rho", "mixstyle_prob"])
+def test_pretraining_refuses_sam_and_mixstyle(field, synthetic_data_dir, tmp_path):
   from covid_flax import simclr
 
-  with pytest.raises(config_lib.ConfigError, match=r"config.sam_rho=0.05"):
-    simclr.pretrain(tiny_config(synthetic_data_dir, sam_rho=0.05), str(tmp_path / "ssl"))
+  with pytest.raises(config_lib.ConfigError, match=rf"config.{field}=0.05 is for `covid_flax.main`"):
+    simclr.pretrain(tiny_config(synthetic_data_dir, **{field: 0.05}), str(tmp_path / "ssl"))
+  assert not (tmp_path / "ssl").exists()  # Refused before anything is written.
 
 
 def test_pretraining_refuses_stream_mode(synthetic_data_dir, tmp_path):

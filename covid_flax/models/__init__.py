@@ -1,5 +1,6 @@
 """Model registry: `config.model` names one of MODELS."""
 
+import inspect
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -39,6 +40,12 @@ def _model_class(name: str) -> type[nnx.Module]:
 TRANSFER_MODELS = tuple(n for n in MODELS if hasattr(_model_class(n), "torch_name"))
 
 
+# Models that take config.mixstyle_prob (covid_flax/models/mixstyle.py).
+STYLE_MODELS = tuple(
+  n for n in MODELS if "mixstyle_prob" in inspect.signature(_model_class(n).__init__).parameters
+)
+
+
 def head_modules(name: str) -> tuple[str, ...]:
   """The attributes of model `name` that only its classifier head uses."""
   return _model_class(name).HEAD_MODULES
@@ -57,9 +64,11 @@ def compute_dtype(config: ml_collections.ConfigDict):
 def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
   """The classifier `config` describes (model, image size, dropout, precision, input norm), its
   convolutions on oneDNN where config.cpu_conv says so and it can (`cpu_conv.use_onednn`)."""
-  transfer_kwargs = {}
+  extra_kwargs = {}
   if config.get("input_norm", "default") != "default" or config.get("freeze_bn_stats", False):
-    transfer_kwargs = dict(input_norm=config.input_norm, frozen_bn=config.freeze_bn_stats)
+    extra_kwargs = dict(input_norm=config.input_norm, frozen_bn=config.freeze_bn_stats)
+  if config.get("mixstyle_prob", 0.0) > 0:
+    extra_kwargs["mixstyle_prob"] = config.mixstyle_prob
   model = create_model(
     config.model,
     image_size=config.image_size,
@@ -67,7 +76,7 @@ def from_config(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
     dropout_rate=config.dropout_rate,
     dtype=compute_dtype(config),
     rngs=nnx.Rngs(seed),
-    **transfer_kwargs,
+    **extra_kwargs,
   )
   cpu_conv.use_onednn(model, config.get("cpu_conv", "xla"))
   return model

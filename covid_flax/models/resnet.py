@@ -14,6 +14,7 @@ from flax import nnx
 
 from covid_flax.models import inputs
 from covid_flax.models.dropout import Dropout
+from covid_flax.models.mixstyle import MixStyle
 
 
 class _ConvBN(nnx.Module):
@@ -76,6 +77,7 @@ class ResNet(nnx.Module):
     width: int = 64,
     input_norm: str = "default",
     frozen_bn: bool = False,
+    mixstyle_prob: float = 0.0,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -95,6 +97,9 @@ class ResNet(nnx.Module):
         self.block_names.append(f"layer{stage + 1}.{b}")
         cin = block.cout
     self.blocks = nnx.List(blocks)
+    # MixStyle after the first two stages, the paper's choice for ResNets (style lives early).
+    self.style_after = (stage_sizes[0] - 1, stage_sizes[0] + stage_sizes[1] - 1)
+    self.mixstyle = MixStyle(mixstyle_prob)
     self.dropout = Dropout(dropout_rate)
     self.out = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
@@ -102,8 +107,10 @@ class ResNet(nnx.Module):
     """The last stage's activations: the Grad-CAM layer."""
     x = nnx.relu(self.stem(inputs.adapt(x, self.input_norm), train))
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for block in self.blocks:
+    for i, block in enumerate(self.blocks):
       x = block(x, train)
+      if i in self.style_after:
+        x = self.mixstyle(x, train=train, rngs=rngs)
     return x
 
   def head(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):

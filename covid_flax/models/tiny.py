@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covid_flax.models.dropout import Dropout
+from covid_flax.models.mixstyle import MixStyle
 
 
 class TinyCNN(nnx.Module):
@@ -16,6 +17,7 @@ class TinyCNN(nnx.Module):
     image_size: int,
     num_classes: int = 2,
     dropout_rate: float = 0.0,
+    mixstyle_prob: float = 0.0,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -23,11 +25,12 @@ class TinyCNN(nnx.Module):
     self.conv1 = nnx.Conv(1, 16, (3, 3), strides=(2, 2), dtype=dtype, rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), use_bias=False, dtype=dtype, rngs=rngs)
     self.bn = nnx.BatchNorm(32, momentum=0.9, axis_name="data", dtype=dtype, rngs=rngs)
+    self.mixstyle = MixStyle(mixstyle_prob)
     self.dropout = Dropout(dropout_rate)
     self.out = nnx.Linear(64, num_classes, dtype=dtype, rngs=rngs)
 
   def features(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
-    x = nnx.relu(self.conv1(x))
+    x = self.mixstyle(nnx.relu(self.conv1(x)), train=train, rngs=rngs)
     return nnx.relu(self.bn(self.conv2(x), use_running_average=not train))
 
   def head(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
