@@ -190,6 +190,8 @@ def test_kept_ct_results_exist():
                                         "hull_cv3_w32_fold2_probe",
                                         "hull_f32_seed0_probe", "hull_f32_seed0_test", "hull_f32_seed1_probe",
                                         "jpeg_seed0_probe", "jpeg_seed1_probe",
+                                        "mixstyle1_f32_seed0_probe",
+                                        "mixstyle_f32_seed0_probe",
                                         "old_seed0_probe", "old_seed0_test",
                                         "papers_only_f32_seed0_probe",
                                         "papers_only_f32_seed0_test",

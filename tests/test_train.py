@@ -372,7 +372,9 @@ def test_sam_steps_with_the_gradient_at_the_ascended_weights(synthetic_data_dir)
 def test_pretraining_refuses_sam_and_mixstyle(field, synthetic_data_dir, tmp_path):
   from covid_flax import simclr
 
-  with pytest.raises(config_lib.ConfigError, match=rf"config.{field}=0.05 is for `covid_flax.main`"):
+  with pytest.raises(
+    config_lib.ConfigError, match=rf"config.{field}=0.05 is for `covid_flax.main`"
+  ):
     simclr.pretrain(tiny_config(synthetic_data_dir, **{field: 0.05}), str(tmp_path / "ssl"))
   assert not (tmp_path / "ssl").exists()  # Refused before anything is written.
 
