@@ -191,6 +191,7 @@ def test_kept_ct_results_exist():
                                         "hull_f32_seed0_probe", "hull_f32_seed0_test", "hull_f32_seed1_probe",
                                         "jpeg_seed0_probe", "jpeg_seed1_probe",
                                         "mixstyle1_f32_seed0_probe",
+                                        "mixstyle1_f32_seed1_probe",
                                         "mixstyle_f32_seed0_probe",
                                         "old_seed0_probe", "old_seed0_test",
                                         "papers_only_f32_seed0_probe",
