@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Equalise each image's grey-level histogram (after the crop): figures from papers, scanners and
   # screenshots differ in windowing and contrast, which a model can learn instead of the disease.
   config.equalize = False
+  # With ct_crop: equalise by the grey-level ranks of the whole body ("body") or of the lung fields
+  # only ("lungs": the lungs fill the grey range in every source, brighter tissue saturates).
+  config.equalize_over = "body"
   # > 0: then contrast-limited adaptive histogram equalisation (CLAHE, scikit-image's; this is its
   # clip limit, in (0, 1], higher is stronger), with ct_crop over the body only: raises the local
   # contrast of fine texture that a global equalisation spends on large-scale gradients.

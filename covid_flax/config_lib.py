@@ -8,7 +8,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from covid_flax import errors
+from covid_flax import ct_crop, errors
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -19,8 +19,8 @@ CPU_CONVS = ("onednn", "xla")
 AUG_FILLS = ("edge", "black")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Fields that decide which images a model sees and how they are prepared (ensemble members must agree).
-DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "clahe", "lung_mask", "ct_crop",
-               "ct_window_center", "ct_window_width")  # fmt: skip
+DATA_FIELDS = ("dataset", "image_size", "center_crop", "equalize", "equalize_over", "clahe",
+               "lung_mask", "ct_crop", "ct_window_center", "ct_window_width")  # fmt: skip
 # Fields that decide what a run validates on, and so picks its threshold by (ensemble members must
 # agree: a member trained on another's validation data would leak into the threshold).
 EVAL_DATA_FIELDS = ("eval_split", "train_split", "cv_folds", "cv_fold")
@@ -65,6 +65,7 @@ ADDED_FIELDS = {
   "input_mode": "auto",
   "cpu_conv": "xla",
   "mixstyle_prob": 0.0,
+  "equalize_over": "body",
 }
 
 
@@ -125,6 +126,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], s
   "image_size": (int, _range(32, 1024)),
   "center_crop": ((int, float), _range(0.2, 1)),
   "equalize": (bool, _ANY),
+  "equalize_over": (str, _in(*ct_crop.EQUALIZE_OVER)),
   "clahe": ((int, float), _FRACTION),
   "lung_mask": (bool, _ANY),
   "ct_crop": (bool, _ANY),
@@ -230,6 +232,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.cv_fold={config.cv_fold} is not allowed with config.cv_folds={config.cv_folds}; "
       f"it must be 0..{config.cv_folds - 1}"
+    )
+  if config.equalize_over != "body" and not (config.ct_crop and config.equalize):
+    raise ConfigError(
+      f"config.equalize_over={config.equalize_over!r} needs config.ct_crop=True and "
+      f"config.equalize=True (got {config.ct_crop}, {config.equalize}): only the CT crop finds "
+      "lungs"
     )
   if config.ct_crop and config.center_crop < 1.0:
     raise ConfigError(

@@ -20,10 +20,13 @@ the same framing:
    `_MIN_CROP_FRACTION` of the body's box, for slices low in the chest); everything
    outside the body set to black. With `equalize`, the grey levels are equalised over the body's
    pixels only: a rank transform, so any monotonic window (a paper's print, a clinical PNG) maps to
-   the same grey levels. With `clahe`, then contrast-limited adaptive histogram equalisation
-   (`adaptive_equalize`) over the crop: the same rank idea in local tiles, which raises the local
-   contrast of fine lung texture (vessels, the edges of ground glass) that a global rank spends on
-   large-scale gradients.
+   the same grey levels. With `equalize_over="lungs"` the ranks are those of the lung fields
+   (`lung_fields`) alone, applied to the whole body: the lungs' grey levels then fill 1..255 in
+   every source and tissue brighter than any lung pixel saturates alike, where over the body a
+   figure printed with saturated tissue spends half the range on a flat white wall. With `clahe`,
+   then contrast-limited adaptive histogram equalisation (`adaptive_equalize`) over the crop: the
+   same rank idea in local tiles, which raises the local contrast of fine lung texture (vessels,
+   the edges of ground glass) that a global rank spends on large-scale gradients.
 
 Where no lungs are found the crop falls back to the body, and where no body is found (under
 `_MIN_BODY_FRACTION` of the image) to the whole image.
@@ -33,6 +36,7 @@ import numpy as np
 from scipy import ndimage, spatial
 from skimage import exposure
 
+EQUALIZE_OVER = ("body", "lungs")  # Whose grey-level ranks `equalize` uses.
 _MIN_BODY_FRACTION = 0.1  # Of the image area.
 _MIN_LUNG_FRACTION = 0.01  # Of the body's area.
 _FRAME_BORDER_FRACTION = 0.6  # A bright component on this much of the border is a frame or margin.
@@ -165,20 +169,30 @@ def adaptive_equalize(
 
 
 def crop_to_lungs(
-  image: np.ndarray, equalize: bool = False, lungs_only: bool = False, clahe: float = 0.0
+  image: np.ndarray,
+  equalize: bool = False,
+  lungs_only: bool = False,
+  clahe: float = 0.0,
+  equalize_over: str = "body",
 ) -> np.ndarray:
   """(H, W) uint8 -> the lungs' bounding box (see the module docstring), black outside the body
-  (outside `lung_fields` if `lungs_only`); the grey levels equalised over the pixels kept if
-  `equalize`, then adaptively (`adaptive_equalize` with clip limit `clahe`) if `clahe` > 0."""
+  (outside `lung_fields` if `lungs_only`); the grey levels equalised if `equalize`, by the ranks
+  of the pixels kept (`equalize_over="body"`) or of the lung fields' (`"lungs"`; the body's where
+  no lungs are found), then adaptively (`adaptive_equalize`, clip limit `clahe`) if `clahe` > 0."""
+  if equalize_over not in EQUALIZE_OVER:
+    raise ValueError(f"equalize_over={equalize_over!r} must be one of {list(EQUALIZE_OVER)}")
   image = np.asarray(image, np.uint8)
   body = body_mask(image)
   if body is None:
     body = np.ones(image.shape, bool)
   lungs = lungs_mask(image, body)
-  keep = lung_fields(lungs) if lungs_only and lungs is not None else body
-  if equalize:  # The kept pixels' cumulative histogram onto 1..255; 0 stays the background's black
-    # (PIL's ImageOps.equalize with a mask would send the body's darkest pixels to 0 as well).
-    cdf = np.cumsum(np.bincount(image[keep], minlength=256)).astype(np.float64)
+  by_lungs = equalize and equalize_over == "lungs"
+  fields = lung_fields(lungs) if lungs is not None and (lungs_only or by_lungs) else None
+  keep = fields if lungs_only and fields is not None else body
+  if equalize:  # The reference pixels' cumulative histogram onto 1..255; 0 stays the background's
+    # black (PIL's ImageOps.equalize with a mask would send the body's darkest pixels to 0 as well).
+    reference = fields if by_lungs and fields is not None else keep
+    cdf = np.cumsum(np.bincount(image[reference], minlength=256)).astype(np.float64)
     image = np.round(1 + 254 * cdf / cdf[-1]).astype(np.uint8)[image]
   image = np.where(keep, image, 0).astype(np.uint8)
   rows, cols = _box(lungs if lungs is not None else body, body)

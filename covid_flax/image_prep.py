@@ -36,17 +36,19 @@ def resize(
   lung_mask: bool = False,
   ct_crop: bool = False,
   clahe: float = 0.0,
+  equalize_over: str = "body",
 ) -> np.ndarray:
   """(H, W[, 1]) uint8 -> (size, size, 1) uint8, antialiased: the central `center_crop` of each
   side, stretched to a square (no padding, which would add borders that differ by source), its
   grey-level histogram equalised first if `equalize`, black outside `lung_field_mask` if
   `lung_mask`. With `ct_crop` the crop is `ct_crop.crop_to_lungs` instead (the equalisation, if
-  any, over the body only; with `lung_mask` black outside the lungs it finds, equalised over them).
+  any, by the ranks of the body's pixels or, `equalize_over="lungs"`, of the lung fields'; with
+  `lung_mask` black outside the lungs it finds, equalised over them).
   `clahe` > 0: contrast-limited adaptive equalisation after those, before resizing
   (`ct_crop.adaptive_equalize`; with `ct_crop` over the pixels it keeps)."""
   image = np.asarray(image).reshape(image.shape[0], image.shape[1])
   if ct_crop:
-    image = ct_crop_lib.crop_to_lungs(image, equalize, lungs_only=lung_mask, clahe=clahe)
+    image = ct_crop_lib.crop_to_lungs(image, equalize, lung_mask, clahe, equalize_over)
     equalize = lung_mask = False
     clahe = 0.0
   pil = Image.fromarray(image, mode="L")
@@ -76,6 +78,7 @@ def prepare_image(image: np.ndarray, config: ml_collections.ConfigDict) -> np.nd
     config.lung_mask,
     config.ct_crop,
     config.clahe,
+    config.equalize_over,
   )
 
 

@@ -192,11 +192,32 @@ def test_a_cpu_without_bfloat16_convolutions_keeps_a_bfloat16_model_on_xla(monke
   assert "covid_flax_onednn" not in conv.lower(x, w).as_text().lower()  # A direct call falls back.
 
 
+def _bfloat16_passes_run() -> bool:
+  """Whether the custom VJP's bfloat16 passes run on oneDNN, asked directly (no `supports`): the
+  forward pass to float32 and to bfloat16, and both gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)).astype(jnp.bfloat16)
+  geometry = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+
+  def loss(x, w):
+    to_f32 = cpu_conv._conv(x, w, *geometry, jnp.dtype(jnp.float32))
+    return to_f32.sum() + cpu_conv._conv(x, w, *geometry, jnp.dtype(jnp.bfloat16)).sum()
+
+  try:
+    jax.block_until_ready(jax.grad(loss, argnums=(0, 1))(x, w))
+  except Exception as e:  # XLA's runtime error, with oneDNN's status in it.
+    assert "descriptor" in str(e), e
+    return False
+  return True
+
+
 @needs_onednn
-def test_supports_answers_for_both_types():
+def test_supports_says_whether_the_bfloat16_passes_run():
+  """bfloat16 on oneDNN exactly where it runs, i.e. with AVX-512 (oneDNN 3.x); a probe asking for
+  other types than the VJP's once said no on an AVX-512 CPU and sent bfloat16 models to XLA."""
   assert cpu_conv.supports(jnp.float32)
-  assert isinstance(cpu_conv.supports(jnp.bfloat16), bool)  # True with AVX-512, False on AVX2.
   assert not cpu_conv.supports(jnp.int8)
+  assert cpu_conv.supports(jnp.bfloat16) == _bfloat16_passes_run() == _has_avx512()
 
 
 def _has_avx512() -> bool:
@@ -216,11 +237,13 @@ def test_weight_gradients_take_blocked_layouts_exactly_without_avx512():
 @needs_onednn
 def test_without_avx512_the_blocked_weight_gradients_equal_lax():
   """The blocked weight-gradient path on any CPU: oneDNN told to use at most AVX2, then the float32
-  cases of test_forward_and_gradients_equal_lax (on an AVX2-only CPU they already ran it)."""
+  cases of test_forward_and_gradients_equal_lax (on an AVX2-only CPU they already ran it), and
+  bfloat16 refused there as it runs."""
   proc = subprocess.run(
     [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-     "-k", "test_forward_and_gradients_equal_lax and not bf16 or exactly_without_avx512"],
+     "-k", "test_forward_and_gradients_equal_lax and not bf16 or exactly_without_avx512 or "
+     "bfloat16_passes_run"],
     env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stdout[-3000:]
-  assert f"{len(_CASES) + 1} passed" in proc.stdout
+  assert f"{len(_CASES) + 2} passed" in proc.stdout

@@ -303,3 +303,68 @@ def test_jpeg_in_the_appearance_randomisation_draws_its_quality():
   assert min(errors) > 0.01 and len(set(np.round(errors, 6))) == 3  # Qualities differ by key.
   for out in outs:  # Decoded to grey levels.
     np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-3)
+
+
+def _lungs_in_bodies(body_scales: tuple[float, ...]) -> list[np.ndarray]:
+  """The same two textured lungs (grey 40) inside bodies of textured tissue (grey 200) of several
+  sizes: a tight crop and a whole-body figure show different amounts of tissue round one lung."""
+  rng = np.random.default_rng(0)
+  shape = (260, 300)  # Lungs with a mediastinum wider than the closing of `lung_fields` bridges.
+  lungs = _ellipse(shape, 130, 108, 35, 26) | _ellipse(shape, 130, 192, 35, 26)
+  texture = rng.normal(0, 8, lungs.sum())
+  images = []
+  for scale in body_scales:
+    image = 200 + rng.normal(0, 8, shape)
+    image[~_ellipse(shape, 130, 150, 30 * scale, 45 * scale)] = 0
+    image[lungs] = 40 + texture
+    images.append(np.clip(image, 0, 255).astype(np.uint8))
+  return images
+
+
+def _lungs_and_tissue(image: np.ndarray, prepared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The grey levels `crop_to_lungs` gave the lungs' and the tissue's inner pixels (the masks of
+  the unprepared slice, cut to the crop's box)."""
+  body = ct_crop.body_mask(image)
+  lungs = ct_crop.lungs_mask(image, body)
+  rows, cols = ct_crop._box(lungs, body)
+  lungs, body = lungs[rows, cols], body[rows, cols]
+  inner_lungs = ndimage.binary_erosion(lungs, iterations=2)
+  tissue = ndimage.binary_erosion(body, iterations=2) & ~ndimage.binary_dilation(
+    lungs, iterations=2
+  )
+  return prepared[inner_lungs], prepared[tissue]
+
+
+def test_equalizing_over_the_lungs_gives_them_the_same_grey_levels_whatever_the_tissue_around():
+  tight, wide = _lungs_in_bodies((2.0, 3.0))
+  for equalize_over in ("body", "lungs"):
+    (tight_lungs, tight_tissue), (wide_lungs, wide_tissue) = [
+      _lungs_and_tissue(x, ct_crop.crop_to_lungs(x, True, equalize_over=equalize_over))
+      for x in (tight, wide)
+    ]
+    if equalize_over == "body":  # The lungs' share of the body sets their grey levels.
+      assert np.median(tight_lungs) - np.median(wide_lungs) > 20
+      assert np.mean(tight_tissue == 255) < 0.1  # The tissue keeps a spread of grey levels.
+    else:  # The lungs fill the range alike and the tissue saturates in both.
+      assert abs(np.median(tight_lungs) - np.median(wide_lungs)) <= 3
+      assert 110 < np.median(tight_lungs) < 146
+      assert np.all(tight_tissue == 255) and np.all(wide_tissue == 255)
+  np.testing.assert_array_equal(
+    ct_crop.crop_to_lungs(tight, True, equalize_over="lungs") == 0,
+    ct_crop.crop_to_lungs(tight, True) == 0,
+  )
+
+
+def test_equalize_over_lungs_falls_back_to_the_body_and_is_part_of_the_prepared_image():
+  black = np.zeros((50, 60), np.uint8)  # No body, no lungs: the body's (the whole image's) ranks.
+  np.testing.assert_array_equal(
+    ct_crop.crop_to_lungs(black, True, equalize_over="lungs"), ct_crop.crop_to_lungs(black, True)
+  )
+  with pytest.raises(ValueError, match="equalize_over='lung'"):
+    ct_crop.crop_to_lungs(black, True, equalize_over="lung")
+  config = default.get_config()
+  config.image_size, config.equalize, config.ct_crop, config.equalize_over = 48, True, True, "lungs"
+  image = paper_figure()
+  expected = Image.fromarray(ct_crop.crop_to_lungs(image, True, equalize_over="lungs"))
+  expected = expected.resize((48, 48), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  np.testing.assert_array_equal(image_prep.prepare_image(image, config)[..., 0], expected)

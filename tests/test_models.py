@@ -21,6 +21,23 @@ def test_max_pool_matches_nnx_values_and_gradients(window, stride, shape):
   np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(reference))(x), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tiling_max_pool_gives_tied_gradients_to_the_first_maximum_as_nnx_does(dtype):
+  """Flat regions (black borders, saturated tissue) tie within a window: select-and-scatter gives
+  the gradient to the first maximum (row-major), and so does ours, under jit too."""
+  x = jnp.round(jax.random.normal(jax.random.key(0), (2, 9, 8, 3))).astype(dtype)  # Many ties.
+  g = jax.random.normal(jax.random.key(1), (2, 4, 4, 3)).astype(dtype)
+  grads = [
+    jax.jit(jax.vjp(pool, x)[1])(g)[0]
+    for pool in (lambda x: max_pool(x, 2, 2), lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)))
+  ]
+  assert grads[0].dtype == dtype
+  np.testing.assert_array_equal(grads[0], grads[1])
+  assert (grads[0][:, 8] == 0).all()  # The odd row no window covers.
+  windows = (grads[0][:, :8] != 0).reshape(2, 4, 2, 4, 2, 3).sum(axis=(2, 4))
+  assert windows.max() == 1  # Never shared, nor copied, among ties.
+
+
 _LARGE = (
   "resnet18",
   "resnet18_w16",

@@ -185,6 +185,7 @@ def test_kept_ct_results_exist():
                                         "crop_app_seed0_test", "crops_seed0_probe",
                                         "crops_seed0_test", "crops_seed1_probe",
                                         "cutmix_f32_seed0_probe",
+                                        "eqlungs_f32_seed0_probe",
                                         "hull_cv3_w32_fold0_probe",
                                         "hull_cv3_w32_fold1_probe",
                                         "hull_cv3_w32_fold2_probe",

@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -464,16 +465,22 @@ COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvForward, kForward)
 COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvBackwardData, kBackwardData)
 COVID_FLAX_CONV_HANDLER(CovidFlaxOnednnConvBackwardWeights, kBackwardWeights)
 
-// 1 if oneDNN has all three passes of a small convolution of this data type (2: bfloat16, with a
-// float32 output; 3: float32) on this CPU, else 0: oneDNN 3.x has no bfloat16 convolutions without
-// AVX-512 (an AVX2-only CPU), and says so only when a primitive is made.
+// 1 if oneDNN has every pass of a small convolution of this data type (2: bfloat16; 3: float32) on
+// this CPU in the types the custom VJP asks for, else 0: the forward pass with a float32 or an
+// own-type output, both gradients with an own-type output gradient (`_conv_bwd` casts it back).
+// oneDNN 3.x has no bfloat16 convolutions without AVX-512 (an AVX2-only CPU), and says so only
+// when a primitive is made.
 extern "C" int CovidFlaxOnednnConvSupports(int data_type) {
   Geometry g;
   g.n = 2, g.c = 3, g.h = g.w = 8, g.o = 4, g.kh = g.kw = 3, g.oh = g.ow = 8;
   g.data_type = data_type;
-  g.out_type = kF32;
   for (int i = 0; i < 2; ++i) g.strides[i] = 1, g.pad_l[i] = g.pad_r[i] = 1;
-  for (Kind kind : {kForward, kBackwardData, kBackwardWeights}) {
+  const std::pair<Kind, int> passes[] = {{kForward, kF32},
+                                         {kForward, data_type},
+                                         {kBackwardData, data_type},
+                                         {kBackwardWeights, data_type}};
+  for (auto [kind, out_type] : passes) {
+    g.out_type = out_type;
     Primitive p;
     bool made = Make(kind, g, p).success();
     for (Operand& op : p.operands) {
