@@ -171,6 +171,7 @@ def test_kept_ct_test_and_probe_results_match_their_predictions(folder):
 def test_kept_ct_results_exist():
   assert [p.name for p in _KEPT_CT] == ["bf16_onednn_seed0_probe", "bf16_onednn_seed0_test",
                                         "bf16_onednn_seed1_probe", "black_fill_f32_seed0_probe",
+                                        "clahe_bf16_seed0_probe",
                                         "clahe_cv3_w32_fold0_probe",
                                         "clahe_cv3_w32_fold1_probe",
                                         "clahe_cv3_w32_fold2_probe",
